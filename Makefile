@@ -1,0 +1,73 @@
+# heloguard: two commands on a fresh Debian machine.
+#   make run    start the milter with the embedded defaults
+#   make test   install what the tests need, then lint, type-check and test
+#
+# milter/ is the import package `heloguard` (pymilter owns the name `milter`).
+# PYTHONSAFEPATH keeps the checkout's own folders off sys.path, so that
+# `import milter` always finds pymilter's extension, never our folder.
+export PYTHONSAFEPATH := 1
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+# Debian packages: what building pymilter needs, and what the tests run.
+DEB_BUILD := libmilter-dev gcc
+DEB_TEST  := postfix libsasl2-modules iproute2 sqlite3 util-linux
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: all venv run test lint type unit bench clean deps-build deps-test
+
+all: test
+
+# Install the Debian packages named in $(1) that are missing (no-op when all are there).
+define apt_ensure
+	@missing=""; for p in $(1); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'ok installed' || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  echo "postfix postfix/main_mailer_type select No configuration" | $(SUDO) debconf-set-selections; \
+	  $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+endef
+
+deps-build:
+	$(call apt_ensure,$(DEB_BUILD))
+	@$(PYTHON) -c 'import venv, ensurepip' 2>/dev/null || { $(call apt_ensure,python3-venv python3-dev) ; }
+
+deps-test: deps-build
+	$(call apt_ensure,$(DEB_TEST))
+
+$(STAMP): pyproject.toml | deps-build
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]' --config-settings editable_mode=strict
+	touch $@
+
+venv: $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/heloguard run-default
+
+lint: $(STAMP)
+	$(BIN)/ruff check milter rules tests bench
+	$(BIN)/ruff format --check milter rules tests bench
+
+type: $(STAMP)
+	$(BIN)/mypy -p heloguard
+	$(BIN)/mypy tests bench
+
+unit: $(STAMP)
+	$(BIN)/pytest -q -m 'not integration'
+
+test: $(STAMP) deps-test lint type
+	$(BIN)/pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python bench/run.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

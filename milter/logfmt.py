@@ -1,0 +1,58 @@
+"""Escaping attacker-controlled text for log lines and SMTP replies.
+
+HELO arguments, PTR names and addresses are written by the client.  In a log
+line, a CR, LF or other control byte could forge a second line, and a space or
+``>`` could forge a field; in an SMTP reply, libmilter drops a text with a
+lone ``%`` and fails on CR/LF.  :func:`escape` makes any string safe for a
+log field; :func:`for_reply` makes it safe inside a reply text.
+"""
+
+from __future__ import annotations
+
+_SAFE = frozenset(chr(c) for c in range(0x21, 0x7F)) - {"\\", "<", ">", "[", "]", "="}
+
+
+def escape(text: str, limit: int = 512) -> str:
+    """Printable ASCII kept; everything else as ``\\xNN`` / ``\\uNNNN``; cut at ``limit``."""
+    out: list[str] = []
+    size = 0
+    for ch in text:
+        if ch in _SAFE:
+            piece = ch
+        elif ord(ch) < 0x100:
+            piece = f"\\x{ord(ch):02x}"
+        elif ord(ch) < 0x10000:
+            piece = f"\\u{ord(ch):04x}"
+        else:
+            piece = f"\\U{ord(ch):08x}"
+        size += len(piece)
+        if size > limit:
+            out.append("...")
+            break
+        out.append(piece)
+    return "".join(out)
+
+
+def printable(text: str, limit: int = 512) -> str:
+    """For human transcripts: like :func:`escape` but spaces and brackets kept."""
+    out: list[str] = []
+    for ch in text[:limit]:
+        if 0x20 <= ord(ch) < 0x7F and ch != "\\":
+            out.append(ch)
+        elif ord(ch) < 0x100:
+            out.append(f"\\x{ord(ch):02x}")
+        else:
+            out.append(f"\\u{ord(ch):04x}" if ord(ch) < 0x10000 else f"\\U{ord(ch):08x}")
+    return "".join(out) + ("..." if len(text) > limit else "")
+
+
+def for_reply(text: str, limit: int = 100) -> str:
+    """Attacker text shown inside an SMTP reply: printable ASCII only, short."""
+    cleaned = "".join(ch if 0x20 < ord(ch) < 0x7F else "?" for ch in text)
+    return cleaned if len(cleaned) <= limit else cleaned[: limit - 3] + "..."
+
+
+def reply_text(text: str) -> str:
+    """A whole reply text made safe for libmilter's smfi_setreply (``%`` doubled)."""
+    cleaned = "".join(ch if 0x20 <= ord(ch) < 0x7F else "?" for ch in text)
+    return cleaned.replace("%", "%%")

@@ -1,0 +1,379 @@
+"""The resolver: the only place in heloguard that talks DNS.
+
+One event-loop thread runs dnspython's asyncio stub resolver and owns the
+cache; nothing else touches either, so neither needs a lock.  Callers on
+other threads (libmilter's workers, the command line) hand it coroutines with
+:meth:`Resolver.submit` or :meth:`Resolver.run` and wait with a deadline.
+
+Every lookup ends as an :class:`~heloguard.answers.Answer` value (OK,
+NXDOMAIN, NODATA or TEMP), never as an exception.  Positive answers are cached
+for their TTL and negative ones for the SOA minimum (RFC 2308), both clamped
+to configured bounds; TEMP answers only for ``temp_ttl`` seconds (default 2)
+so that a dead server is not hammered but a hiccup is soon forgotten.  Two
+identical questions in flight at once are sent once.  Only the question asked
+is cached: additional and authority records in a response (which the client's
+own reverse zone controls) are never stored.
+
+Trust: every record comes from zones that the connecting party may control
+(its reverse zone, its HELO domain).  dnspython drops responses whose id or
+question do not match the query.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import ipaddress
+import logging
+import threading
+import time
+from collections.abc import Callable, Coroutine, Iterable, Mapping
+from dataclasses import dataclass, replace
+from typing import Any, TypeVar
+
+import dns.asyncresolver
+import dns.exception
+import dns.message
+import dns.name
+import dns.nameserver
+import dns.rcode
+import dns.rdatatype
+import dns.resolver
+import dns.rrset
+from cachetools import TLRUCache
+
+from heloguard.answers import Answer, Origin, Query, Status
+
+log = logging.getLogger("heloguard.resolver")
+T = TypeVar("T")
+
+# Negative answers without an SOA in the authority section (RFC 2308 5: "should
+# not be cached" beyond a short time).
+NEGATIVE_TTL_WITHOUT_SOA = 60
+
+
+@dataclass(frozen=True, slots=True)
+class ResolverSettings:
+    """How the resolver asks and caches; see the ``[dns]`` config section."""
+
+    nameservers: tuple[tuple[str, int], ...] = ()  # empty: /etc/resolv.conf
+    timeout: float = 2.0  # per question, all retries included
+    cache_size: int = 20000  # answers kept, bounds memory
+    min_ttl: int = 5  # positive answers are cached at least this long
+    max_ttl: int = 86400  # ... and at most this long
+    negative_min_ttl: int = 5
+    negative_max_ttl: int = 3600
+    temp_ttl: int = 2  # TEMP answers: never for long
+
+
+@dataclass(slots=True)
+class ResolverStats:
+    """Counters, read by tests, the dry-run and (later) metrics."""
+
+    asked: int = 0  # lookups requested
+    sent: int = 0  # questions that went to a nameserver
+    cache_hits: int = 0
+    merged: int = 0  # joined an identical question in flight
+    temp: int = 0  # TEMP answers received from the network
+
+
+def parse_nameserver(text: str) -> tuple[str, int]:
+    """Parse ``HOST``, ``HOST:PORT``, ``[V6]:PORT`` or a bare IPv6 address."""
+    text = text.strip()
+    if not text:
+        raise ValueError("empty nameserver")
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep:
+            raise ValueError(f"unbalanced brackets in {text!r}")
+        port = rest[1:] if rest.startswith(":") else ""
+        if rest and not rest.startswith(":"):
+            raise ValueError(f"junk after ']' in {text!r}")
+    elif text.count(":") == 1:
+        host, _, port = text.partition(":")
+    else:
+        host, port = text, ""  # IPv4, a name, or a bare IPv6 address
+    try:
+        ipaddress.ip_address(host)
+    except ValueError as exc:
+        raise ValueError(f"nameserver {host!r} is not an IP address") from exc
+    number = 53
+    if port:
+        if not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"bad port in nameserver {text!r}")
+        number = int(port)
+    return host, number
+
+
+def _record_text(rdtype: str, rdata: Any) -> str:
+    """Render one record as the plain text the rules judge."""
+    if rdtype in ("A", "AAAA"):
+        return str(rdata.address)
+    if rdtype in ("PTR", "CNAME", "NS"):
+        return str(rdata.target.to_text(omit_final_dot=True)).lower()
+    if rdtype == "MX":
+        exchange = rdata.exchange.to_text(omit_final_dot=True).lower()
+        return f"{rdata.preference} {exchange}"
+    if rdtype == "TXT":
+        return b"".join(rdata.strings).decode("utf-8", "backslashreplace")
+    return str(rdata.to_text())
+
+
+def _negative_ttl(response: dns.message.Message | None) -> int:
+    """RFC 2308: min(SOA TTL, SOA MINIMUM) from the authority section."""
+    if response is None:
+        return NEGATIVE_TTL_WITHOUT_SOA
+    for rrset in response.authority:
+        if rrset.rdtype == dns.rdatatype.SOA and len(rrset) > 0:
+            return int(min(rrset.ttl, rrset[0].minimum))
+    return NEGATIVE_TTL_WITHOUT_SOA
+
+
+def _errors_reason(exc: dns.resolver.NoNameservers) -> str:
+    """SERVFAIL / REFUSED / ... from dnspython's per-server error list.
+
+    Each entry is (server, tcp, port, error, response) where error is the
+    rcode as text for a response with a bad rcode, else an exception.
+    """
+    reasons: list[str] = []
+    for err in exc.kwargs.get("errors", []):
+        detail = err[3] if len(err) > 3 else err
+        if isinstance(detail, str):
+            reasons.append(detail)
+        elif isinstance(detail, dns.message.Message):
+            reasons.append(dns.rcode.to_text(detail.rcode()))
+        else:
+            reasons.append(type(detail).__name__)
+    return ",".join(sorted(set(reasons))) or "no nameserver answered"
+
+
+class Resolver:
+    """Cached, merging DNS lookups on one event-loop thread."""
+
+    def __init__(
+        self,
+        settings: ResolverSettings | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.settings = settings or ResolverSettings()
+        self.stats = ResolverStats()
+        self._clock = clock
+        self._cache: TLRUCache[Query, tuple[Answer, float]] = TLRUCache(
+            maxsize=self.settings.cache_size, ttu=self._ttu, timer=clock
+        )
+        self._inflight: dict[Query, asyncio.Future[Answer]] = {}
+        self._dns = self._make_dnspython_resolver()
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._run_loop, name="heloguard-dns", daemon=True)
+        self._started = False
+        self._lock = threading.Lock()
+
+    # -- life cycle ---------------------------------------------------------
+
+    def _make_dnspython_resolver(self) -> dns.asyncresolver.Resolver:
+        st = self.settings
+        if st.nameservers:
+            res = dns.asyncresolver.Resolver(configure=False)
+            res.nameservers = [dns.nameserver.Do53Nameserver(h, p) for h, p in st.nameservers]
+        else:
+            try:
+                res = dns.asyncresolver.Resolver(configure=True)
+            except dns.resolver.NoResolverConfiguration:
+                # No resolv.conf and no nameserver configured: every answer is TEMP.
+                res = dns.asyncresolver.Resolver(configure=False)
+                res.nameservers = []
+        res.cache = None  # our own cache, keyed on the question only
+        # dnspython's timeout is per try; lifetime is the whole question.  Two
+        # tries fit in the per-question timeout so one lost packet is retried.
+        res.lifetime = st.timeout
+        res.timeout = max(st.timeout / 2, 0.05)
+        res.use_edns(0, 0, 1232)
+        res.search = []
+        return res
+
+    def _run_loop(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        self._loop.run_forever()
+
+    def start(self) -> Resolver:
+        """Start the loop thread (idempotent)."""
+        with self._lock:
+            if not self._started:
+                self._thread.start()
+                self._started = True
+        return self
+
+    def close(self) -> None:
+        """Stop the loop thread; pending lookups are abandoned."""
+        with self._lock:
+            if not self._started or self._loop.is_closed():
+                return
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=5)
+        if not self._thread.is_alive():
+            self._loop.close()
+
+    def __enter__(self) -> Resolver:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def now(self) -> float:
+        """The clock that TTLs and deadlines are measured on."""
+        return self._clock()
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The event loop that owns the cache and all DNS I/O."""
+        return self._loop
+
+    def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+        """Run ``coro`` on the resolver's loop; returns a thread-safe future."""
+        self.start()
+        return asyncio.run_coroutine_threadsafe(coro, self._loop)
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        """Run ``coro`` on the resolver's loop and wait for it (from another thread)."""
+        fut = self.submit(coro)
+        try:
+            return fut.result(timeout)
+        except concurrent.futures.TimeoutError:
+            fut.cancel()
+            raise
+
+    # -- lookups (loop thread only) -----------------------------------------
+
+    def _ttu(self, _key: Query, value: tuple[Answer, float], now: float) -> float:
+        return value[1]
+
+    def _clamp(self, answer: Answer) -> float:
+        st = self.settings
+        if answer.status is Status.OK:
+            ttl = min(max(answer.ttl, st.min_ttl), st.max_ttl)
+        elif answer.status.permanent_negative:
+            ttl = min(max(answer.ttl, st.negative_min_ttl), st.negative_max_ttl)
+        else:
+            ttl = st.temp_ttl
+        return float(ttl)
+
+    def cached(self, query: Query) -> Answer | None:
+        """The cached answer, its TTL counted down; None on a miss (loop thread)."""
+        hit = self._cache.get(query)
+        if hit is None:
+            return None
+        answer, expires = hit
+        left = max(0, int(expires - self._clock()))
+        return replace(answer, ttl=min(answer.ttl, left), origin=Origin.CACHE, elapsed=0.0)
+
+    async def lookup(self, query: Query) -> Answer:
+        """Answer one question from the cache, an identical one in flight, or the network."""
+        self.stats.asked += 1
+        hit = self.cached(query)
+        if hit is not None:
+            self.stats.cache_hits += 1
+            return hit
+        pending = self._inflight.get(query)
+        if pending is not None:
+            self.stats.merged += 1
+            answer = await asyncio.shield(pending)
+            return replace(answer, origin=Origin.MERGED)
+        fut: asyncio.Future[Answer] = self._loop.create_future()
+        self._inflight[query] = fut
+        try:
+            answer = await self._ask(query)
+        except BaseException as exc:  # cancellation: waiters get a TEMP, not a hang
+            fut.set_result(Answer(query, Status.TEMP, reason=f"lookup abandoned: {exc!r}"))
+            raise
+        finally:
+            self._inflight.pop(query, None)
+        if not fut.done():
+            fut.set_result(answer)
+        self._cache[query] = (answer, self._clock() + self._clamp(answer))
+        return answer
+
+    def lookup_many(
+        self, queries: Iterable[Query], deadline: float | None = None
+    ) -> asyncio.Future[dict[Query, Answer]]:
+        """Ask many questions in parallel; those not answered by ``deadline`` are TEMP.
+
+        ``deadline`` is on this resolver's clock.  Lookups that miss it go on
+        in the background and still fill the cache.
+        """
+        return asyncio.ensure_future(self._lookup_many(tuple(dict.fromkeys(queries)), deadline))
+
+    async def _lookup_many(
+        self, queries: tuple[Query, ...], deadline: float | None
+    ) -> dict[Query, Answer]:
+        out: dict[Query, Answer] = {}
+        tasks: dict[asyncio.Task[Answer], Query] = {}
+        for q in queries:
+            hit = self.cached(q)
+            if hit is not None:
+                self.stats.asked += 1
+                self.stats.cache_hits += 1
+                out[q] = hit
+            else:
+                tasks[asyncio.ensure_future(self.lookup(q))] = q
+        if tasks:
+            timeout = None if deadline is None else max(0.0, deadline - self._clock())
+            done, _pending = await asyncio.wait(tasks, timeout=timeout)
+            for task, q in tasks.items():
+                if task in done and not task.cancelled() and task.exception() is None:
+                    out[q] = task.result()
+                else:
+                    out[q] = Answer(
+                        q, Status.TEMP, reason="stage time budget exhausted", origin=Origin.BUDGET
+                    )
+        return out
+
+    async def _ask(self, query: Query) -> Answer:
+        """Send one question to the network and turn the outcome into a value."""
+        self.stats.sent += 1
+        started = time.monotonic()
+        try:
+            answer = await self._ask_dnspython(query)
+        except Exception as exc:  # a resolver bug must not become a crash or a 5xx
+            log.exception("resolver error on %s", query)
+            answer = Answer(query, Status.TEMP, reason=f"resolver error: {type(exc).__name__}")
+        elapsed = time.monotonic() - started
+        if answer.status is Status.TEMP:
+            self.stats.temp += 1
+        return replace(answer, elapsed=elapsed)
+
+    async def _ask_dnspython(self, query: Query) -> Answer:
+        if not self._dns.nameservers:
+            return Answer(query, Status.TEMP, reason="no nameserver configured")
+        try:
+            qname = dns.name.from_text(query.name)
+        except (dns.exception.DNSException, ValueError) as exc:
+            # A name that cannot be put on the wire cannot exist.
+            return Answer(query, Status.NXDOMAIN, reason=f"invalid name: {type(exc).__name__}")
+        try:
+            result = await self._dns.resolve(
+                qname, query.rdtype, raise_on_no_answer=False, search=False
+            )
+        except dns.resolver.NXDOMAIN as exc:
+            responses = exc.kwargs.get("responses", {})
+            response = responses.get(qname) if isinstance(responses, Mapping) else None
+            return Answer(query, Status.NXDOMAIN, ttl=_negative_ttl(response))
+        except dns.resolver.NoNameservers as exc:
+            return Answer(query, Status.TEMP, reason=_errors_reason(exc))
+        except dns.resolver.LifetimeTimeout:
+            return Answer(query, Status.TEMP, reason="timeout")
+        except dns.exception.Timeout:
+            return Answer(query, Status.TEMP, reason="timeout")
+        except dns.exception.DNSException as exc:
+            # YXDOMAIN, a CNAME chain too long or looping, a malformed answer.
+            return Answer(query, Status.TEMP, reason=f"{type(exc).__name__}")
+        except (OSError, ValueError) as exc:
+            return Answer(query, Status.TEMP, reason=f"{type(exc).__name__}: {exc}")
+        canonical = result.canonical_name.to_text(omit_final_dot=True).lower()
+        chained = canonical if canonical != query.name else None
+        rrset: dns.rrset.RRset | None = result.rrset
+        ttl = int(result.chaining_result.minimum_ttl)
+        if rrset is None or len(rrset) == 0:
+            return Answer(query, Status.NODATA, ttl=ttl, canonical=chained)
+        records = tuple(sorted({_record_text(query.rdtype, rd) for rd in rrset}))
+        return Answer(query, Status.OK, records=records, ttl=ttl, canonical=chained)

@@ -1,0 +1,36 @@
+"""heloguard.rules: one module per rule, and the registry that lists them.
+
+The registry is an explicit, ordered mapping, not a plugin scan: a daemon
+started as root loads only the code listed here.  Its order breaks ties
+between rules of the same cost.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from heloguard.rules import (
+    fcrdns,
+    helo_fcrdns,
+    helo_literal,
+    helo_matches,
+    helo_ours,
+    helo_resolves,
+    helo_syntax,
+    ptr,
+)
+from heloguard.rules.base import Rule
+
+REGISTRY: dict[str, Rule[Any]] = {
+    r.name: r
+    for r in (
+        helo_syntax.RULE,
+        helo_literal.RULE,
+        helo_ours.RULE,
+        ptr.RULE,
+        helo_resolves.RULE,
+        fcrdns.RULE,
+        helo_matches.RULE,
+        helo_fcrdns.RULE,
+    )
+}
