@@ -49,8 +49,10 @@ $(STAMP): pyproject.toml | deps-build
 
 venv: $(STAMP)
 
+# The embedded defaults, with the socket and state under the checkout.
 run: $(STAMP)
-	$(BIN)/heloguard run-default
+	@mkdir -p var
+	$(BIN)/heloguard serve --socket unix:$(CURDIR)/var/heloguard.sock
 
 lint: $(STAMP)
 	$(BIN)/ruff check milter rules tests bench

@@ -306,6 +306,9 @@ def build_parser() -> argparse.ArgumentParser:
     common(ccheck)
     ccheck.set_defaults(func=cmd_config_check)
 
+    from heloguard import daemon
+
+    daemon.add_commands(sub, common)
     return parser
 
 

@@ -134,6 +134,67 @@ class LogConfig:
     passes: bool = True  # also log one line per accepted session
 
 
+_SOCKET = re.compile(r"^(unix|local):/.+$|^inet6?:\d{1,5}(@.+)?$")
+
+
+@dataclass(frozen=True, slots=True)
+class MilterConfig:
+    """[milter]: how the daemon meets the MTA."""
+
+    socket: str = "unix:/run/heloguard/heloguard.sock"  # or inet:PORT@HOST
+    reject_stage: Literal["helo", "rcpt"] = "helo"  # decide at HELO; answer then, or at RCPT
+    disconnect: bool = False  # answer 421 at HELO so the MTA drops the client at once
+    failure_policy: Literal["tempfail", "accept"] = "tempfail"  # after an internal error
+    trusted_networks: tuple[str, ...] = ()  # never judged (loopback never is)
+    submission_daemons: tuple[str, ...] = ("ORIGINATING", "MSA", "submission", "smtps")
+    user: str = ""  # drop privileges to this user after binding
+    group: str = ""
+    socket_mode: str = "0660"  # unix socket permissions
+    timeout: Duration = Duration(600.0)  # libmilter's I/O timeout with the MTA
+
+    def validate(self) -> None:
+        """Socket syntax, networks and mode."""
+        if not _SOCKET.match(self.socket):
+            raise ValueError(f"socket {self.socket!r}: expected unix:/path or inet:PORT@HOST")
+        for net in self.trusted_networks:
+            try:
+                ipaddress.ip_network(net, strict=False)
+            except ValueError:
+                raise ValueError(f"trusted_networks: not a network: {net!r}") from None
+        if not re.fullmatch(r"0?[0-7]{3}", self.socket_mode):
+            raise ValueError(f'socket_mode {self.socket_mode!r}: expected octal such as "0660"')
+
+    @property
+    def mode_bits(self) -> int:
+        """The socket mode as a number."""
+        return int(self.socket_mode, 8)
+
+
+@dataclass(frozen=True, slots=True)
+class ExceptionsConfig:
+    """[exceptions]: wanted senders whose DNS is broken, never judged.
+
+    ``addresses``: addresses or networks.  ``names``: host or domain names,
+    honoured only when the client's PTR name is forward-confirmed (a PTR
+    record alone is written by whoever holds the address block, so it earns
+    nothing).
+    """
+
+    addresses: tuple[str, ...] = ()
+    names: tuple[str, ...] = ()
+
+    def validate(self) -> None:
+        """Every address must parse; every name must be a host name."""
+        for net in self.addresses:
+            try:
+                ipaddress.ip_network(net, strict=False)
+            except ValueError:
+                raise ValueError(f"addresses: not an address or network: {net!r}") from None
+        for name in self.names:
+            if "." not in name.strip(".") or " " in name:
+                raise ValueError(f"names: not a host or domain name: {name!r}")
+
+
 @dataclass(frozen=True, slots=True)
 class RuleConfig:
     """[rules.NAME]: the action on failure and the rule's own options."""
@@ -149,6 +210,8 @@ class Config:
     dns: DnsConfig = field(default_factory=DnsConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    milter: MilterConfig = field(default_factory=MilterConfig)
+    exceptions: ExceptionsConfig = field(default_factory=ExceptionsConfig)
     rules: Mapping[str, RuleConfig] = field(default_factory=dict)
     extra: Mapping[str, Any] = field(default_factory=dict)  # sections owned by later modules
     source: str = EMBEDDED
@@ -165,7 +228,13 @@ class Config:
 
 # Sections that later modules add: name -> dataclass.  Kept here so that
 # validation is complete; modules register with register_section().
-_SECTIONS: dict[str, type[Any]] = {"dns": DnsConfig, "policy": PolicyConfig, "log": LogConfig}
+_SECTIONS: dict[str, type[Any]] = {
+    "dns": DnsConfig,
+    "policy": PolicyConfig,
+    "log": LogConfig,
+    "milter": MilterConfig,
+    "exceptions": ExceptionsConfig,
+}
 
 
 def register_section(name: str, schema: type[Any]) -> None:
@@ -334,6 +403,8 @@ def from_mapping(data: Mapping[str, object], source: str = EMBEDDED) -> Config:
             dns=dns_cfg,
             policy=policy,
             log=sections.pop("log"),
+            milter=sections.pop("milter"),
+            exceptions=sections.pop("exceptions"),
             rules=rules,
             extra=sections,
             source=source,

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -108,3 +110,112 @@ def cli(dns_server: DNSServer) -> Any:
         )
 
     return call
+
+
+def toml_value(v: Any) -> str:
+    """A TOML literal for a test config value."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    return json.dumps(v)
+
+
+def write_toml(path: Path, data: Mapping[str, Any]) -> Path:
+    """Write a config: top-level tables, and nested tables such as [rules.fcrdns]."""
+    lines: list[str] = []
+
+    def table(name: str, body: Mapping[str, Any]) -> None:
+        plain = {k: v for k, v in body.items() if not isinstance(v, Mapping)}
+        lines.append(f"[{name}]")
+        lines.extend(f"{k} = {toml_value(v)}" for k, v in plain.items())
+        lines.append("")
+        for k, v in body.items():
+            if isinstance(v, Mapping):
+                table(f"{name}.{k}", v)
+
+    for name, body in data.items():
+        table(name, body)
+    path.write_text("\n".join(lines))
+    return path
+
+
+class MilterProcess:
+    """A ``heloguard serve`` started by a test; its stderr is its log."""
+
+    def __init__(
+        self, workdir: Path, config: Mapping[str, Any], argv_prefix: list[str] | None = None
+    ) -> None:
+        self.workdir = workdir
+        self.socket = f"unix:{workdir / 'heloguard.sock'}"
+        milter_cfg = dict(config.get("milter", {}))
+        milter_cfg.setdefault("socket", self.socket)
+        self.socket = milter_cfg["socket"]
+        full = {**config, "milter": milter_cfg}
+        self.config_path = write_toml(workdir / "heloguard.toml", full)
+        self.log_path = workdir / "heloguard.log"
+        self._log = self.log_path.open("w")
+        cmd = [*(argv_prefix or HELOGUARD), "serve", "--config", str(self.config_path)]
+        self.proc = subprocess.Popen(
+            cmd,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=dict(os.environ, PYTHONSAFEPATH="1"),
+            cwd=ROOT,
+        )
+        self.wait_for("listening on", timeout=20)
+
+    def log(self) -> str:
+        """Everything the daemon logged so far."""
+        return self.log_path.read_text(errors="replace")
+
+    def wait_for(self, text: str, timeout: float = 10, start: int = 0) -> str:
+        """Wait until ``text`` appears in the log (after offset ``start``)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            log = self.log()
+            if text in log[start:]:
+                return log
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"heloguard exited with {self.proc.returncode}:\n{log}")
+            time.sleep(0.05)
+        raise TimeoutError(f"{text!r} not logged within {timeout}s:\n{self.log()}")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        """Stop the daemon and return its exit status."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
+
+@pytest.fixture
+def start_milter(tmp_path: Path, dns_server: DNSServer) -> Iterator[Any]:
+    """``start_milter(config_dict)`` runs heloguard serve against the test DNS server."""
+    started: list[MilterProcess] = []
+
+    def start(
+        config: Mapping[str, Any] | None = None, workdir: Path | None = None, **kw: Any
+    ) -> MilterProcess:
+        cfg = {k: dict(v) for k, v in (config or {}).items()}
+        dns_cfg = cfg.setdefault("dns", {})
+        dns_cfg.setdefault("nameservers", [dns_server.nameserver])
+        dns_cfg.setdefault("timeout", 1)
+        dns_cfg.setdefault("budget", 3)
+        if workdir is None:
+            workdir = tmp_path / f"milter{len(started)}"
+            workdir.mkdir()
+        proc = MilterProcess(workdir, cfg, **kw)
+        started.append(proc)
+        return proc
+
+    yield start
+    # libmilter takes seconds to wind down after SIGTERM; a clean stop has its
+    # own test (test_sigterm_exits_cleanly), so teardown just kills.
+    for proc in started:
+        proc.stop(signal.SIGKILL)

@@ -7,13 +7,14 @@ and read its JSON contract and exit status.
 from __future__ import annotations
 
 import json
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from conftest import run_cli
+from conftest import run_cli, write_toml
 from dnsserver import DNSServer
 
 pytestmark = pytest.mark.integration
@@ -144,18 +145,9 @@ def test_fault_on_any_essay_question_never_5xx_on_temp(cli: Any, dns_server: DNS
 
 
 def write_config(server: DNSServer, data: dict[str, Any], name: str = "heloguard.toml") -> Path:
-    """A TOML file in a temporary folder (simple writer for flat tables)."""
-    import tempfile
-
+    """A config file in a temporary folder."""
     folder = Path(tempfile.mkdtemp(prefix="hg-cfg-"))
-    lines = []
-    for section, table in data.items():
-        lines.append(f"[{section}]")
-        for k, v in table.items():
-            lines.append(f"{k} = {json.dumps(v)}")
-    path = folder / name
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return write_toml(folder / name, data)
 
 
 def test_silent_dns_server_gives_4xx_within_budget(dns_server: DNSServer) -> None:

@@ -1,0 +1,340 @@
+"""``heloguard serve``: the milter daemon, and ``heloguard reload``.
+
+Start-up is a fixed sequence: config (validated whole; exit 78 if bad) ->
+logging -> resolver and rules -> bind the socket (as the starting user, so a
+root-started daemon can bind under /run) -> socket mode and group -> drop
+privileges to ``[milter] user``/``group`` -> watch the config for changes ->
+``milter.main()``.  It runs in the foreground as one process and never
+forks; a service manager daemonizes it.
+
+Signals: libmilter blocks SIGHUP, SIGINT and SIGTERM in every thread and
+handles them in its own signal thread; all three stop the milter (a Python
+signal handler never runs while libmilter holds the main thread).  So
+SIGHUP does *not* reload.  To reload, change the config file: it is checked
+every 2 seconds, validated first, and swapped in only when valid (a bad file
+is logged and the running configuration kept).  ``heloguard reload``
+validates the file and touches it, for a reload on demand.  Connections in
+progress finish under the configuration they started with.
+"""
+
+from __future__ import annotations
+
+import argparse
+import grp
+import logging
+import logging.handlers
+import os
+import pwd
+import signal
+import stat
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import milter
+
+from heloguard.config import DEFAULT_PATH, Config, ConfigError, LogConfig, load
+from heloguard.resolver import parse_nameserver
+
+if TYPE_CHECKING:
+    from heloguard.adapter import RuntimeHolder
+
+log = logging.getLogger("heloguard")
+
+NAME = "heloguard"
+WATCH_INTERVAL = 2.0
+
+
+def setup_logging(cfg: LogConfig) -> None:
+    """One handler on the ``heloguard`` logger: stderr, or syslog's mail facility."""
+    root = logging.getLogger("heloguard")
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    root.setLevel(cfg.level.upper())
+    root.propagate = False
+    handler: logging.Handler
+    if cfg.destination == "syslog":
+        try:
+            facility = logging.handlers.SysLogHandler.facility_names[cfg.facility]
+            handler = logging.handlers.SysLogHandler(address="/dev/log", facility=facility)
+            handler.setFormatter(logging.Formatter(f"{NAME}[%(process)d]: %(message)s"))
+        except (OSError, KeyError) as exc:
+            fallback = f"syslog unavailable ({exc}); logging to stderr"
+        else:
+            root.addHandler(handler)
+            return
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter(f"%(asctime)s {NAME}[%(process)d]: %(message)s"))
+        root.addHandler(handler)
+        root.warning(fallback)
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"%(asctime)s {NAME}[%(process)d]: %(message)s"))
+    root.addHandler(handler)
+
+
+def postfix_socket(spec: str) -> str:
+    """The same socket in Postfix's ``smtpd_milters`` syntax."""
+    if spec.startswith(("unix:", "local:")):
+        return "unix:" + spec.split(":", 1)[1]
+    kind, _, rest = spec.partition(":")
+    port, _, host = rest.partition("@")
+    return f"inet:{host or '127.0.0.1'}:{port}" if kind == "inet" else f"inet6:[{host}]:{port}"
+
+
+def socket_path(spec: str) -> Path | None:
+    """The file of a unix socket, or None."""
+    if spec.startswith(("unix:", "local:")):
+        return Path(spec.split(":", 1)[1])
+    return None
+
+
+def secure_socket(spec: str, mode: int, group: str) -> None:
+    """Set the unix socket's mode and group (after binding, before dropping privileges)."""
+    path = socket_path(spec)
+    if path is None or not path.exists():
+        return
+    if group:
+        os.chown(path, -1, grp.getgrnam(group).gr_gid)
+    os.chmod(path, mode)
+
+
+def drop_privileges(user: str, group: str) -> None:
+    """Become ``user`` (and ``group``), or warn when staying root."""
+    if not user:
+        if os.geteuid() == 0:
+            log.warning("running as root: set [milter] user to drop privileges after binding")
+        return
+    pw = pwd.getpwnam(user)
+    gid = grp.getgrnam(group).gr_gid if group else pw.pw_gid
+    if os.geteuid() == 0:
+        os.setgroups([])
+        os.setgid(gid)
+        os.setuid(pw.pw_uid)
+    elif os.geteuid() != pw.pw_uid:
+        raise PermissionError(f"cannot become {user}: not started as root")
+    os.umask(0o007)
+    log.info("running as %s:%s", user, group or grp.getgrgid(gid).gr_name)
+
+
+def warn_world_writable(*paths: Path | None) -> None:
+    """Log a warning for each file (or its folder) that anyone may write."""
+    for p in paths:
+        if p is None:
+            continue
+        for target in (p, p.parent):
+            try:
+                mode = target.stat().st_mode
+            except OSError:
+                continue
+            if mode & stat.S_IWOTH and not (target.is_dir() and mode & stat.S_ISVTX):
+                log.warning(
+                    "%s is world-writable: anyone could change heloguard's behaviour", target
+                )
+
+
+# libmilter waits for these in its own signal thread (sigwait); every other
+# thread must block them, or the kernel may deliver SIGTERM to a thread that
+# does not, and the default action kills the process without a clean stop.
+STOP_SIGNALS = {signal.SIGHUP, signal.SIGINT, signal.SIGTERM}
+
+
+class ConfigWatcher(threading.Thread):
+    """Reload the config when its file changes; keep the old one when the new one is bad."""
+
+    def __init__(
+        self,
+        path: Path,
+        apply: Callable[[Config], None],
+        build: Callable[[Path], Config],
+        interval: float = WATCH_INTERVAL,
+    ) -> None:
+        super().__init__(name="heloguard-reload", daemon=True)
+        self.path = path
+        self.apply = apply
+        self.build = build
+        self.interval = interval
+        self.stopped = threading.Event()
+        self._seen = self._stamp()
+
+    def _stamp(self) -> tuple[int, int, int] | None:
+        try:
+            st = self.path.stat()
+        except OSError:
+            return None
+        return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+    def run(self) -> None:
+        """Poll the file; on a change, validate and apply."""
+        while not self.stopped.wait(self.interval):
+            stamp = self._stamp()
+            if stamp == self._seen:
+                continue
+            self._seen = stamp
+            self.reload()
+
+    def reload(self) -> bool:
+        """Load, validate and apply the file now; True on success."""
+        try:
+            config = self.build(self.path)
+        except ConfigError as exc:  # the message says it all; no traceback
+            log.error("reload failed, keeping the running configuration: %s", exc)  # noqa: TRY400
+            return False
+        try:
+            self.apply(config)
+        except Exception:
+            log.exception("reload failed, keeping the running configuration")
+            return False
+        log.info("reloaded configuration from %s", self.path)
+        return True
+
+
+def _overrides(config: Config, args: argparse.Namespace) -> Config:
+    if args.socket:
+        config = replace(config, milter=replace(config.milter, socket=args.socket))
+        config.milter.validate()
+    if args.nameserver:
+        config = replace(config, dns=replace(config.dns, nameservers=tuple(args.nameserver)))
+    return config
+
+
+def serve(args: argparse.Namespace) -> int:
+    """Run the milter until SIGTERM (or SIGHUP/SIGINT)."""
+    from heloguard.adapter import HeloguardMilter, RuntimeHolder
+    from heloguard.session import Runtime
+
+    config_path = _config_path(args)
+    config = _overrides(load(config_path), args)
+    setup_logging(config.log)
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # before any thread starts
+    holder = RuntimeHolder(Runtime.build(config))
+    HeloguardMilter.holder = holder
+    _bind(config, HeloguardMilter)
+    warn_world_writable(config_path)
+    drop_privileges(config.milter.user, config.milter.group)
+    watcher = None
+    if config_path is not None:
+        watcher = ConfigWatcher(config_path, lambda new: _apply(holder, new, args), load)
+        watcher.start()
+    spec = config.milter.socket
+    log.info("heloguard %s listening on %s", _version(), spec)
+    print(f"heloguard: listening on {spec}", file=sys.stderr, flush=True)
+    print(
+        f"heloguard: Postfix main.cf:  smtpd_milters = {postfix_socket(spec)}",
+        file=sys.stderr,
+        flush=True,
+    )
+    try:
+        milter.main()
+    finally:
+        if watcher is not None:
+            watcher.stopped.set()
+        holder.current.resolver.close()
+        log.info("heloguard stopped")
+    return 0
+
+
+def _config_path(args: argparse.Namespace) -> Path | None:
+    for ns in args.nameserver or ():
+        try:
+            parse_nameserver(ns)
+        except ValueError as exc:
+            raise ConfigError("--nameserver", str(exc)) from None
+    if args.config:
+        return Path(args.config)
+    return DEFAULT_PATH if DEFAULT_PATH.exists() else None
+
+
+def _apply(holder: RuntimeHolder, new: Config, args: argparse.Namespace) -> None:
+    """Swap in a validated new configuration (a new resolver only if [dns] changed)."""
+    from heloguard.session import Runtime
+
+    new = _overrides(new, args)
+    old = holder.current
+    resolver = old.resolver if new.dns == old.config.dns else None
+    fresh = Runtime.build(new, resolver)
+    holder.swap(fresh)
+    if fresh.resolver is not old.resolver:
+        # sessions still using the old resolver finish within one budget
+        threading.Timer(old.wait + 5, old.resolver.close).start()
+    setup_logging(new.log)
+
+
+def _bind(config: Config, klass: type) -> None:
+    """Register the callbacks and bind the socket, with its mode and group."""
+    spec = config.milter.socket
+    path = socket_path(spec)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    milter.set_flags(milter.SETSYMLIST)
+    policy = milter.CONTINUE if config.milter.failure_policy == "accept" else milter.TEMPFAIL
+    milter.set_exception_policy(policy)
+    _register(klass)
+    milter.setconn(spec)
+    milter.settimeout(int(config.milter.timeout))
+    milter.opensocket(True)  # bind now, while we may still be root
+    secure_socket(spec, config.milter.mode_bits, config.milter.group)
+
+
+def _register(klass: type) -> None:
+    """Wire libmilter's callbacks to ``klass`` instances (pymilter's runmilter, minus binding)."""
+    import Milter
+
+    Milter.factory = klass
+    m = milter
+    m.set_connect_callback(Milter.connect_callback)
+    m.set_helo_callback(lambda ctx, host: ctx.getpriv().hello(host))
+    m.set_envfrom_callback(lambda ctx, *b: ctx.getpriv().envfrom_bytes(*b))
+    m.set_envrcpt_callback(lambda ctx, *b: ctx.getpriv().envrcpt_bytes(*b))
+    m.set_header_callback(lambda ctx, f, v: ctx.getpriv().header_bytes(f, v))
+    m.set_eoh_callback(lambda ctx: ctx.getpriv().eoh())
+    m.set_body_callback(lambda ctx, chunk: ctx.getpriv().body(chunk))
+    m.set_eom_callback(lambda ctx: ctx.getpriv().eom())
+    m.set_abort_callback(lambda ctx: ctx.getpriv().abort())
+    m.set_close_callback(Milter.close_callback)
+    m.register(
+        NAME,
+        data=lambda ctx: ctx.getpriv().data(),
+        unknown=lambda ctx, cmd: ctx.getpriv().unknown(cmd),
+        negotiate=Milter.negotiate_callback,
+    )
+
+
+def _version() -> str:
+    from heloguard import __version__
+
+    return __version__
+
+
+def reload_command(args: argparse.Namespace) -> int:
+    """Validate the config file, then touch it so the running daemon reloads it."""
+    path = Path(args.config) if args.config else DEFAULT_PATH
+    load(path)  # raises ConfigError (exit 78) when bad: the daemon would keep the old one
+    now = time.time()
+    os.utime(path, (now, now))
+    print(
+        f"heloguard: {path} is valid; the running daemon reloads it within {WATCH_INTERVAL:.0f} s"
+    )
+    return 0
+
+
+def add_commands(
+    sub: argparse._SubParsersAction[Any],
+    common: Callable[[argparse.ArgumentParser], None],
+) -> None:
+    """Add ``serve`` and ``reload`` to the command line."""
+    srv = sub.add_parser("serve", help="run the milter (foreground; never forks)")
+    common(srv)
+    srv.add_argument(
+        "--socket", metavar="SPEC", help="unix:/path or inet:PORT@HOST (overrides [milter] socket)"
+    )
+    srv.set_defaults(func=serve)
+    rel = sub.add_parser("reload", help="validate the config file and make the daemon reload it")
+    rel.add_argument(
+        "--config", metavar="FILE", help="config file (default /etc/heloguard/heloguard.toml)"
+    )
+    rel.set_defaults(func=reload_command)

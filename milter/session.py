@@ -1,0 +1,325 @@
+"""One SMTP session as heloguard sees it, independent of the MTA front end.
+
+The milter adapter feeds a :class:`Session` the MTA's events (connect, HELO,
+MAIL, RCPT) and turns each :class:`Step` it returns into a libmilter reply;
+tests drive the same class directly.  Everything here is decided from the
+client address and heloguard's own DNS lookups: the host name and macros the
+MTA passes (``{client_name}``, ``{client_resolve}``, XCLIENT names) are never
+evidence.
+
+The course of a session:
+
+* connect: if the client is not judged at all (loopback, a trusted network,
+  the submission service, an address exception) the session is marked so.
+  Otherwise the lookups that need only the address (PTR, forward
+  confirmation) start now, so they are done or under way when HELO comes.
+* HELO: the connect and helo rules are evaluated and the verdict is given:
+  at once (``reject_stage = "helo"``: Postfix and Sendmail answer it at the
+  next command, MAIL FROM, so no DATA is ever transferred), or kept until the
+  first RCPT (``reject_stage = "rcpt"``: the log names the recipients, and a
+  client that authenticates meanwhile is spared).  ``disconnect = true``
+  turns a refusal at HELO into 421, which makes the MTA drop the client.
+* MAIL: an authenticated client (``{auth_authen}``) is never judged; a
+  client that skipped HELO is judged now, with no HELO.
+* RCPT: a kept verdict is answered, for every recipient.
+
+One log line per decision, in the shape Postfix admins grep::
+
+    reject: HELO from 103-245-153-249.host.neural.net.au[103.245.153.249]: 550 5.7.25 ...;
+    helo=<mail.digitaljunction.com.au> rule=fcrdns evidence=...
+
+with every attacker-controlled string escaped.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from heloguard.answers import IPAddress, Query
+from heloguard.config import Config, Mode
+from heloguard.engine import Decision, Engine, LiveDns, Verdict
+from heloguard.gate import Gate
+from heloguard.logfmt import escape, printable
+from heloguard.names import parse_address, parse_helo, reverse_name
+from heloguard.resolver import Resolver
+from heloguard.rules.base import Context, Reply, Stage
+
+log = logging.getLogger("heloguard.decisions")
+
+HELO_PHASE = [[Stage.CONNECT, Stage.HELO]]
+
+
+class Act(StrEnum):
+    """What to tell the MTA."""
+
+    CONTINUE = "continue"  # go on, call me at the next stage
+    ACCEPT = "accept"  # go on, and don't call me again for this connection
+    REJECT = "reject"
+    TEMPFAIL = "tempfail"
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """heloguard's answer to one MTA event."""
+
+    act: Act
+    reply: Reply | None = None
+
+    @property
+    def refuses(self) -> bool:
+        """True for a rejection or a deferral."""
+        return self.act in (Act.REJECT, Act.TEMPFAIL)
+
+
+CONTINUE = Step(Act.CONTINUE)
+ACCEPT = Step(Act.ACCEPT)
+
+
+@dataclass(slots=True)
+class Runtime:
+    """What every session of one configuration shares; replaced whole on reload."""
+
+    config: Config
+    engine: Engine
+    resolver: Resolver
+    gate: Gate
+
+    @classmethod
+    def build(cls, config: Config, resolver: Resolver | None = None) -> Runtime:
+        """Build the runtime for a configuration (a new resolver unless given)."""
+        res = resolver or Resolver(config.dns.resolver_settings()).start()
+        engine = Engine(config, on_error=config.milter.failure_policy)
+        return cls(config=config, engine=engine, resolver=res, gate=Gate.from_config(config))
+
+    @property
+    def wait(self) -> float:
+        """How long a callback waits for a phase: the DNS budget and a margin."""
+        return self.config.dns.budget + 2.0
+
+
+@dataclass(slots=True)
+class Session:
+    """The state of one SMTP connection."""
+
+    rt: Runtime
+    client: IPAddress | None = None
+    skip: str = ""
+    helo_raw: str | None = None
+    helo_decision: Decision | None = None
+    pending: Decision | None = None  # a verdict kept for the first RCPT
+    pending_stage: str = ""
+    auth: str = ""
+    sender: str | None = None
+    recipients: list[str] = field(default_factory=list)
+    prefetch: concurrent.futures.Future[Decision] | None = None
+
+    # -- events -----------------------------------------------------------
+
+    def connect(self, address: str | None, daemon_name: str | None = None) -> Step:
+        """The client connected; start the lookups its address allows."""
+        self.client = parse_address(address) if address else None
+        self.skip = self.rt.gate.skip_reason(self.client, daemon_name)
+        if self.skip:
+            self._log("skip", "CONNECT", None, self.skip)
+            return CONTINUE
+        if self.client is None:  # skip_reason covers it; keeps the type checker honest
+            return CONTINUE
+        ctx = Context(client=self.client)
+        self.prefetch = self.rt.resolver.submit(
+            self.rt.engine.decide(
+                ctx, LiveDns(self.rt.resolver), [[Stage.CONNECT]], evaluate_all=True
+            )
+        )
+        return CONTINUE
+
+    def helo(self, argument: str) -> Step:
+        """The client said HELO/EHLO: judge it."""
+        self.helo_raw = argument
+        if self.skip:
+            return ACCEPT if self._nothing_later() else CONTINUE
+        decision = self._decide(HELO_PHASE)
+        self.helo_decision = decision
+        return self._verdict(decision, "HELO")
+
+    def mail(self, sender: str, auth: str | None = None) -> Step:
+        """MAIL FROM: spare authenticated clients; judge a client that skipped HELO."""
+        self.sender = sender
+        self.recipients = []
+        if self.skip:
+            return CONTINUE
+        if auth:
+            self.auth = auth
+            if self.pending is not None:
+                self._log(
+                    "pass", "MAIL", self.pending, f"authenticated as {auth}; spared", spared=True
+                )
+                self.pending = None
+            return CONTINUE
+        if self.helo_decision is None:
+            self.helo_decision = self._decide(HELO_PHASE)
+            return self._verdict(self.helo_decision, "MAIL")
+        return CONTINUE
+
+    def rcpt(self, recipient: str) -> Step:
+        """RCPT TO: answer a kept verdict."""
+        self.recipients.append(recipient)
+        if self.skip or self.auth or self.pending is None:
+            return CONTINUE
+        return self._refuse(self.pending, "RCPT")
+
+    def abort(self) -> None:
+        """The current message was aborted (RSET): forget its envelope."""
+        self.sender = None
+        self.recipients = []
+
+    def close(self) -> None:
+        """The connection ended."""
+        self.prefetch = None
+
+    # -- helpers ----------------------------------------------------------
+
+    def _nothing_later(self) -> bool:
+        return self.rt.config.milter.reject_stage == "helo"
+
+    def _context(self) -> Context:
+        if self.client is None:
+            raise RuntimeError("no client address in a judged session")
+        helo = parse_helo(self.helo_raw) if self.helo_raw is not None else None
+        return Context(client=self.client, helo=helo, sender=self.sender)
+
+    def _decide(self, phases: list[list[Stage]]) -> Decision:
+        coro = self.rt.engine.decide(self._context(), LiveDns(self.rt.resolver), phases)
+        return self.rt.resolver.run(coro, timeout=self.rt.wait)
+
+    def _verified(self, decision: Decision) -> tuple[str, ...]:
+        verified = decision.facts("verified")
+        if verified is None and self.rt.gate.exception_names:
+            # fcrdns did not run (an earlier rule decided): ask it now, from the cache.
+            coro = self.rt.engine.decide(
+                self._context(), LiveDns(self.rt.resolver), [[Stage.CONNECT]], only=["fcrdns"]
+            )
+            verified = self.rt.resolver.run(coro, timeout=self.rt.wait).facts("verified")
+        return tuple(verified or ())
+
+    def _verdict(self, decision: Decision, stage: str) -> Step:
+        if decision.verdict is not Verdict.ACCEPT:
+            exception = self.rt.gate.name_exception(self._verified(decision))
+            if exception:
+                self._log("pass", stage, decision, exception, spared=True)
+                return ACCEPT if self._nothing_later() else CONTINUE
+        if decision.verdict is Verdict.ACCEPT:
+            self._log_accept(decision, stage)
+            return CONTINUE
+        if self.rt.config.milter.reject_stage == "rcpt":
+            self.pending, self.pending_stage = decision, stage
+            return CONTINUE
+        return self._refuse(decision, stage)
+
+    def _refuse(self, decision: Decision, stage: str) -> Step:
+        reply = decision.reply
+        if reply is None:
+            raise RuntimeError(f"a {decision.verdict} decision without a reply")
+        act = Act.REJECT if decision.verdict is Verdict.REJECT else Act.TEMPFAIL
+        if stage == "HELO" and self.rt.config.milter.disconnect:
+            # 421 makes the MTA drop the client; libmilter wants 4xx with TEMPFAIL
+            reply = Reply(421, "4" + reply.status[1:], reply.text)
+            act = Act.TEMPFAIL
+        self._log(str(decision.verdict), stage, decision, str(reply))
+        return Step(act, reply)
+
+    def _log_accept(self, decision: Decision, stage: str) -> None:
+        if decision.enforced is not Verdict.ACCEPT:  # warn mode
+            detail = f"would {decision.enforced}: {decision.enforced_reply}"
+            self._log("warn", stage, decision, detail)
+            return
+        warned = [r.rule for r in decision.reports if r.effect.value == "warn"]
+        if warned:
+            self._log("warn", stage, decision, "accepted; rules in warn mode failed", warned=warned)
+        elif self.rt.config.log.passes:
+            self._log("pass", stage, decision, "")
+
+    def _ptr_name(self, decision: Decision | None) -> str:
+        if decision is None or self.client is None:
+            return "unknown"
+        ptr = decision.answers.get(Query.of(reverse_name(self.client), "PTR"))
+        verified = decision.facts("verified")
+        if verified:
+            return str(verified[0])
+        if ptr is not None and ptr.ok and ptr.records:
+            return ptr.records[0]
+        return "unknown"
+
+    def _log(
+        self,
+        what: str,
+        stage: str,
+        decision: Decision | None,
+        detail: str,
+        *,
+        spared: bool = False,
+        warned: list[str] | None = None,
+    ) -> None:
+        level = logging.INFO
+        if what == "skip" or (what == "pass" and not spared):
+            level = logging.DEBUG if not self.rt.config.log.passes else logging.INFO
+        if not log.isEnabledFor(level):
+            return
+        name = escape(self._ptr_name(decision), 255)
+        addr = str(self.client) if self.client is not None else "unknown"
+        parts = [
+            f"{what}: {stage} from {name}[{addr}]: {printable(detail, 600) if detail else 'ok'};"
+        ]
+        if self.helo_raw is not None:
+            parts.append(f"helo=<{escape(self.helo_raw, 255)}>")
+        if stage in ("MAIL", "RCPT") and self.sender is not None:
+            parts.append(f"from=<{escape(self.sender, 255)}>")
+        if stage == "RCPT" and self.recipients:
+            parts.append(f"to=<{escape(self.recipients[-1], 255)}>")
+        if decision is not None:
+            rule = decision.rule or (decision.enforced_reply and _enforced_rule(decision))
+            if rule:
+                parts.append(f"rule={rule}")
+            if warned:
+                parts.append(f"warn={','.join(warned)}")
+            if decision.mode is not Mode.ENFORCE:
+                parts.append(f"mode={decision.mode}")
+            evidence = _evidence(decision, str(rule) if rule else None)
+            if evidence:
+                parts.append(f"evidence={evidence}")
+            parts.append(
+                f"dns={decision.dns_sent}/{decision.dns_queries} ms={decision.elapsed * 1000:.0f}"
+            )
+        log.log(level, " ".join(parts))
+
+
+def _enforced_rule(decision: Decision) -> str | None:
+    for r in decision.reports:
+        if r.effect.value in ("reject", "tempfail", "warn"):
+            return r.rule
+    return None
+
+
+def _evidence(decision: Decision, rule: str | None) -> str:
+    """The deciding rule's DNS answers, compact; names and records escaped."""
+    if rule is None:
+        return ""
+    report = decision.report(rule)
+    if report is None:
+        return ""
+    items = []
+    for a in report.lookups:
+        item = f"{escape(a.query.name, 255)}/{a.query.rdtype}={a.status}"
+        if a.records:
+            item += ":" + "+".join(escape(r, 255) for r in a.records[:3])
+        items.append(item)
+    text = ",".join(items) or escape(report.result.reason, 300)
+    return text if len(text) <= 600 else text[:597] + "..."
+
+
+def new_session(rt: Runtime, **kw: Any) -> Session:
+    """A session bound to the runtime current at connect time."""
+    return Session(rt, **kw)
