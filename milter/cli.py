@@ -21,7 +21,8 @@ from typing import Any, NoReturn, TextIO
 
 from heloguard.answers import Answer, Origin, Query, Status
 from heloguard.config import Config, ConfigError, load
-from heloguard.engine import Decision, Engine, LiveDns
+from heloguard.engine import Decision, Engine, LiveDns, Verdict
+from heloguard.gate import Gate
 from heloguard.names import parse_address, parse_helo, reverse_name
 from heloguard.render import EXIT_FOR_VERDICT, decision_json, decision_text
 from heloguard.resolver import Resolver, parse_nameserver
@@ -164,11 +165,21 @@ def load_config(path: str | None, nameservers: Sequence[str] = ()) -> Config:
 
 
 async def _decide(
-    engine: Engine, dns_resolver: Resolver, inp: CheckInput, only: list[str] | None
+    engine: Engine, dns_resolver: Resolver, inp: CheckInput, only: list[str] | None, gate: Gate
 ) -> Decision:
+    """What the milter would decide: the same gate, engine and exceptions."""
     ctx = inp.context()
+    skip = gate.skip_reason(ctx.client)
+    phases = inp.phases()
+    if skip:
+        return engine.exempt(skip, phases)
     source = LiveDns(dns_resolver, inp.supplied())
-    return await engine.decide(ctx, source, inp.phases(), evaluate_all=True, only=only)
+    decision = await engine.decide(ctx, source, phases, evaluate_all=True, only=only)
+    if decision.verdict is not Verdict.ACCEPT:
+        exception = gate.name_exception(decision.facts("verified") or ())
+        if exception:
+            decision.exempted(exception)
+    return decision
 
 
 def _batch_lines(stream: TextIO) -> Iterator[tuple[int, str]]:
@@ -181,6 +192,7 @@ async def _run_chunk(
     engine: Engine, res: Resolver, chunk: list[tuple[int, str]], only: list[str] | None
 ) -> list[dict[str, Any]]:
     sem = asyncio.Semaphore(BATCH_CONCURRENCY)
+    gate = Gate.from_config(engine.config)
 
     async def one(number: int, line: str) -> dict[str, Any]:
         ident: object = None
@@ -195,7 +207,7 @@ async def _run_chunk(
                 err["id"] = ident
             return err
         async with sem:
-            decision = await _decide(engine, res, inp, only)
+            decision = await _decide(engine, res, inp, only, gate)
         out = decision_json(decision)
         out["input"] = inp.to_json()
         if ident is not None:
@@ -241,7 +253,8 @@ def cmd_check(args: argparse.Namespace) -> int:
         )
         inp.context()
         limit = config.dns.budget * len(inp.phases()) + 5
-        decision = res.run(_decide(engine, res, inp, only), timeout=limit)
+        gate = Gate.from_config(config)
+        decision = res.run(_decide(engine, res, inp, only, gate), timeout=limit)
     if args.json:
         out = decision_json(decision)
         out["input"] = inp.to_json()

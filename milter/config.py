@@ -130,6 +130,7 @@ class LogConfig:
 
     destination: Literal["stderr", "syslog"] = "stderr"
     facility: str = "mail"
+    syslog_socket: str = "/dev/log"
     level: Literal["debug", "info", "warning", "error"] = "info"
     passes: bool = True  # also log one line per accepted session
 

@@ -20,12 +20,14 @@ progress finish under the configuration they started with.
 from __future__ import annotations
 
 import argparse
+import errno
 import grp
 import logging
 import logging.handlers
 import os
 import pwd
 import signal
+import socket
 import stat
 import sys
 import threading
@@ -59,8 +61,9 @@ def setup_logging(cfg: LogConfig) -> None:
     handler: logging.Handler
     if cfg.destination == "syslog":
         try:
+            _probe_syslog(cfg.syslog_socket)
             facility = logging.handlers.SysLogHandler.facility_names[cfg.facility]
-            handler = logging.handlers.SysLogHandler(address="/dev/log", facility=facility)
+            handler = logging.handlers.SysLogHandler(address=cfg.syslog_socket, facility=facility)
             handler.setFormatter(logging.Formatter(f"{NAME}[%(process)d]: %(message)s"))
         except (OSError, KeyError) as exc:
             fallback = f"syslog unavailable ({exc}); logging to stderr"
@@ -75,6 +78,26 @@ def setup_logging(cfg: LogConfig) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter(f"%(asctime)s {NAME}[%(process)d]: %(message)s"))
     root.addHandler(handler)
+
+
+def _probe_syslog(path: str) -> None:
+    """Raise OSError unless a syslog daemon listens on ``path``.
+
+    SysLogHandler itself no longer fails when the socket is missing (it fails
+    on every message instead), so heloguard checks before it relies on it.
+    """
+    for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
+        probe = socket.socket(socket.AF_UNIX, kind)
+        try:
+            probe.connect(path)
+        except OSError as exc:
+            if exc.errno != errno.EPROTOTYPE:
+                raise
+            continue
+        finally:
+            probe.close()
+        return
+    raise OSError(f"nothing listens on {path}")
 
 
 def postfix_socket(spec: str) -> str:

@@ -153,6 +153,15 @@ class Decision:
     reports: list[RuleReport] = field(default_factory=list)
     answers: dict[Query, Answer] = field(default_factory=dict)
     elapsed: float = 0.0
+    exempt: str = ""  # why the client is not judged (trusted, exception...), if so
+
+    def exempted(self, reason: str) -> Decision:
+        """This decision turned into an accept because the client is exempt."""
+        self.verdict = self.enforced = Verdict.ACCEPT
+        self.reply = self.enforced_reply = None
+        self.rule = None
+        self.exempt = reason
+        return self
 
     @property
     def dns_queries(self) -> int:
@@ -265,13 +274,19 @@ class Engine:
                     break
         last_stage = max((s for p in phases for s in p), default=Stage.HELO)
         if deciding is None:
-            deciding = self._combine([], ctx, max(last_stage, Stage.HELO))
+            deciding = self._combine([], max(last_stage, Stage.HELO))
         deciding.reports = reports
         deciding.answers = answers
         deciding.elapsed = time.monotonic() - started
         return deciding
 
-    def _combine(self, reports: list[RuleReport], ctx: Context, stage: Stage) -> Decision:
+    def exempt(self, reason: str, phases: Sequence[Sequence[Stage]]) -> Decision:
+        """The decision for a client that is not judged at all."""
+        last = max((s for p in phases for s in p), default=Stage.HELO)
+        decision = self._combine([], max(last, Stage.HELO))
+        return decision.exempted(reason)
+
+    def _combine(self, reports: list[RuleReport], stage: Stage) -> Decision:
         verdict, reply, rule = Verdict.ACCEPT, None, None
         for wanted, verdict_if in (
             (Effect.REJECT, Verdict.REJECT),
@@ -321,7 +336,7 @@ class Engine:
         seconds = budget if budget is not None else self.config.dns.budget
         phase = _Phase(ctx, entries, evaluate_all, self.on_error)
         await phase.run(dns, dns.now() + seconds)
-        decision = self._combine(phase.reports(), ctx, stage)
+        decision = self._combine(phase.reports(), stage)
         decision.answers = phase.answers
         return decision
 

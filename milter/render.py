@@ -59,6 +59,7 @@ def decision_json(d: Decision) -> dict[str, Any]:
         "dns_queries": d.dns_queries,
         "dns_sent": d.dns_sent,
         "elapsed_ms": round(d.elapsed * 1000, 1),
+        **({"exempt": d.exempt} if d.exempt else {}),
     }
 
 

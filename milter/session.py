@@ -210,6 +210,7 @@ class Session:
             exception = self.rt.gate.name_exception(self._verified(decision))
             if exception:
                 self._log("pass", stage, decision, exception, spared=True)
+                decision.exempted(exception)
                 return ACCEPT if self._nothing_later() else CONTINUE
         if decision.verdict is Verdict.ACCEPT:
             self._log_accept(decision, stage)

@@ -288,3 +288,18 @@ def test_example_config_in_contrib_is_valid() -> None:
     example = Path(__file__).resolve().parent.parent / "contrib" / "heloguard.toml"
     res = run_cli("config", "check", "--config", str(example))
     assert res.code == 0, res.stderr
+
+
+def test_dry_run_honours_trusted_networks_and_exceptions(cli: Any, dns_server: DNSServer) -> None:
+    """The dry-run gives the milter's verdict: the same gate and exceptions."""
+    trusted = write_config(dns_server, {"milter": {"trusted_networks": ["103.245.153.0/24"]}})
+    out = cli("check", "--json", "--config", str(trusted), *ESSAY).json()
+    assert out["verdict"] == "accept" and out["exempt"].startswith("trusted network")
+    assert out["rules"] == [] and out["dns_queries"] == 0
+    names = write_config(dns_server, {"exceptions": {"names": ["firemountain.net", "neural.net.au"]}})
+    excused = cli(
+        "check", "--json", "--config", str(names), "--ip", "64.71.1.10", "--helo", "wrong.example"
+    )
+    assert excused.code == 0 and "verified name ukiah.firemountain.net" in excused.json()["exempt"]
+    spoofed = cli("check", "--json", "--config", str(names), *ESSAY)
+    assert spoofed.code == 5, "an unconfirmed PTR name earns no exception"

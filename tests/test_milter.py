@@ -304,3 +304,31 @@ def test_sigterm_exits_cleanly(start_milter: Any) -> None:
     assert code == 0, m.log()
     assert time.monotonic() - started < 30
     assert "heloguard stopped" in m.log()
+
+
+def test_syslog_mail_facility(start_milter: Any, tmp_path: Path) -> None:
+    import socket as socketlib
+
+    path = tmp_path / "log.sock"
+    listener = socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_DGRAM)
+    listener.bind(str(path))
+    listener.settimeout(10)
+    try:
+        m = start_milter({"log": {"destination": "syslog", "syslog_socket": str(path)}})
+        run_session(m.socket, **BOT)
+        messages = []
+        while not any("reject: HELO" in x for x in messages):
+            messages.append(listener.recv(65536).decode())
+    finally:
+        listener.close()
+    line = next(x for x in messages if "reject: HELO" in x)
+    # <PRI> = facility mail (2) * 8 + severity info (6) = 22
+    assert line.startswith("<22>heloguard["), line
+    assert "rule=fcrdns" in line
+
+
+def test_syslog_missing_falls_back_to_stderr(start_milter: Any, tmp_path: Path) -> None:
+    m = start_milter({"log": {"destination": "syslog", "syslog_socket": str(tmp_path / "none")}})
+    m.wait_for("syslog unavailable")
+    run_session(m.socket, **BOT)
+    m.wait_for("reject: HELO")
