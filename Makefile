@@ -14,7 +14,10 @@ STAMP  := $(VENV)/.installed
 
 # Debian packages: what building pymilter needs, and what the tests run.
 DEB_BUILD := libmilter-dev gcc
-DEB_TEST  := postfix libsasl2-modules iproute2 sqlite3 util-linux
+# Postfix is installed; Sendmail conflicts with it, so the tests unpack Debian's
+# sendmail packages into a private root (.cache/) and need only its libraries.
+DEB_TEST  := postfix libsasl2-modules iproute2 util-linux sqlite3 \
+             libdb5.3 libldap-2.5-0 libnsl2 libsasl2-2 libssl3
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: all venv run test lint type unit bench clean deps-build deps-test

@@ -296,7 +296,9 @@ def test_dry_run_honours_trusted_networks_and_exceptions(cli: Any, dns_server: D
     out = cli("check", "--json", "--config", str(trusted), *ESSAY).json()
     assert out["verdict"] == "accept" and out["exempt"].startswith("trusted network")
     assert out["rules"] == [] and out["dns_queries"] == 0
-    names = write_config(dns_server, {"exceptions": {"names": ["firemountain.net", "neural.net.au"]}})
+    names = write_config(
+        dns_server, {"exceptions": {"names": ["firemountain.net", "neural.net.au"]}}
+    )
     excused = cli(
         "check", "--json", "--config", str(names), "--ip", "64.71.1.10", "--helo", "wrong.example"
     )

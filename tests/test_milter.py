@@ -316,7 +316,7 @@ def test_syslog_mail_facility(start_milter: Any, tmp_path: Path) -> None:
     try:
         m = start_milter({"log": {"destination": "syslog", "syslog_socket": str(path)}})
         run_session(m.socket, **BOT)
-        messages = []
+        messages: list[str] = []
         while not any("reject: HELO" in x for x in messages):
             messages.append(listener.recv(65536).decode())
     finally:
