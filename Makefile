@@ -46,7 +46,12 @@ deps-build:
 deps-test: deps-build
 	$(call apt_ensure,$(DEB_TEST))
 
-$(STAMP): pyproject.toml | deps-build
+# The strict editable install links each module file: reinstall when the set of
+# files changes (not on every edit).
+MODULES := $(sort $(wildcard milter/*.py milter/*.toml rules/*.py))
+_ := $(shell mkdir -p build && echo '$(MODULES)' | cmp -s - build/.modules || echo '$(MODULES)' > build/.modules)
+
+$(STAMP): pyproject.toml build/.modules | deps-build
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[dev]' --config-settings editable_mode=strict
