@@ -277,3 +277,21 @@ def test_one_engine_three_front_ends(
                 label,
                 replies,
             )
+
+
+def test_inet_socket_with_postfix(start_milter: Any, dns_server: DNSServer) -> None:
+    """A TCP milter socket (what a chrooted, unconfigured Postfix can reach)."""
+    from mta.common import free_port
+
+    from heloguard.daemon import postfix_socket
+
+    port = free_port("127.0.0.1")
+    spec = f"inet:{port}@127.0.0.1"
+    m = start_milter({"milter": {"socket": spec}})
+    assert postfix_socket(spec) == f"inet:127.0.0.1:{port}"
+    m.wait_for(f"smtpd_milters = inet:127.0.0.1:{port}")
+    with mta("postfix", postfix_socket(spec)) as server:
+        bot, good = send(server, BOT), send(server, GOOD)
+    mail = bot.reply("MAIL")
+    assert mail is not None and mail.code == 550 and "5.7.25" in mail.text, bot
+    assert good.delivered, good
