@@ -281,9 +281,9 @@ def test_one_engine_three_front_ends(
 
 def test_inet_socket_with_postfix(start_milter: Any, dns_server: DNSServer) -> None:
     """A TCP milter socket (what a chrooted, unconfigured Postfix can reach)."""
-    from mta.common import free_port
-
     from heloguard.daemon import postfix_socket
+
+    from mta.common import free_port
 
     port = free_port("127.0.0.1")
     spec = f"inet:{port}@127.0.0.1"
