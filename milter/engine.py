@@ -40,7 +40,7 @@ from typing import Any, Protocol
 
 from heloguard.answers import Answer, Origin, Query, Status
 from heloguard.config import Action, Config, Mode
-from heloguard.names import registered_domain
+from heloguard.names import registered_domain, registered_domain_icann
 from heloguard.resolver import Resolver
 from heloguard.rules import REGISTRY
 from heloguard.rules.base import Answers, Check, Context, Outcome, Reply, Result, Rule, Stage
@@ -232,7 +232,9 @@ class Engine:
             if action is not Action.OFF:
                 entries.append(_Entry(rule, action, options, index))
         self._entries = sorted(entries, key=lambda e: e.order)
-        registered_domain("warm.example.com")  # load the Public Suffix List now, not mid-session
+        # load both Public Suffix Lists now, not in the middle of a session
+        registered_domain("warm.example.com")
+        registered_domain_icann("warm.example.com")
 
     def rules_for(self, stages: Iterable[Stage], only: Iterable[str] | None = None) -> list[str]:
         """Names of the rules a phase would run, in evaluation order."""

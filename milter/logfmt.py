@@ -48,7 +48,7 @@ def printable(text: str, limit: int = 512) -> str:
 
 def for_reply(text: str, limit: int = 100) -> str:
     """Attacker text shown inside an SMTP reply: printable ASCII only, short."""
-    cleaned = "".join(ch if 0x20 < ord(ch) < 0x7F else "?" for ch in text)
+    cleaned = "".join(ch if 0x20 <= ord(ch) < 0x7F else "?" for ch in text)
     return cleaned if len(cleaned) <= limit else cleaned[: limit - 3] + "..."
 
 

@@ -172,6 +172,11 @@ def _psl() -> PublicSuffixList:
     return PublicSuffixList()
 
 
+@lru_cache(maxsize=1)
+def _psl_icann() -> PublicSuffixList:
+    return PublicSuffixList(only_icann=True)
+
+
 @lru_cache(maxsize=8192)
 def registered_domain(name: str) -> str | None:
     """The registered domain of ``name`` by the Public Suffix List, or None.
@@ -189,10 +194,25 @@ def registered_domain(name: str) -> str | None:
     return str(found) if found is not None else None
 
 
-def labels_left_of_registered(name: str) -> str:
-    """The part of ``name`` to the left of its registered domain ("" if none)."""
+@lru_cache(maxsize=16384)
+def registered_domain_icann(name: str) -> str | None:
+    """The registered domain by the ICANN section of the list only.
+
+    ``ec2-1-2-3-4.compute-1.amazonaws.com`` gives ``amazonaws.com`` here (the
+    private section makes the whole name a public suffix), which is what the
+    generic-name rule needs: the provider's own labels stay visible.
+    """
     name = normalize_name(name)
-    reg = registered_domain(name)
+    if not name or "." not in name:
+        return None
+    found = _psl_icann().privatesuffix(name)
+    return str(found) if found is not None else None
+
+
+def labels_left_of_registered(name: str) -> str:
+    """The part of ``name`` left of its registered domain (ICANN list; "" if none)."""
+    name = normalize_name(name)
+    reg = registered_domain_icann(name)
     if reg is None or reg == name:
         return ""
     return name[: -(len(reg) + 1)]

@@ -11,6 +11,7 @@ from typing import Any
 
 from heloguard.rules import (
     fcrdns,
+    generic,
     helo_fcrdns,
     helo_literal,
     helo_matches,
@@ -27,7 +28,9 @@ REGISTRY: dict[str, Rule[Any]] = {
         helo_syntax.RULE,
         helo_literal.RULE,
         helo_ours.RULE,
+        generic.HELO_RULE,
         ptr.RULE,
+        generic.RULE,
         helo_resolves.RULE,
         fcrdns.RULE,
         helo_matches.RULE,

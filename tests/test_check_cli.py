@@ -34,8 +34,10 @@ def test_essay_example_rejected_with_every_clue(cli: Any) -> None:
     assert res.code == 5, res.stderr
     out = res.json()
     assert out["verdict"] == "reject" and out["stage"] == "helo"
-    assert out["reply"].startswith("550 5.7.25 ")
-    assert out["rule"] == "fcrdns"
+    # clue 2, the cheapest: a generic name (one PTR lookup) decides the reply
+    assert out["reply"].startswith("550 5.7.1 ")
+    assert "generic host name 103-245-153-249.host.neural.net.au" in out["reply"]
+    assert out["rule"] == "generic"
     found = results(out)
     # clue 1: PTR name has no A record, so no FCrDNS
     assert found["fcrdns"] == "fail"
@@ -70,8 +72,8 @@ def test_essay_example_human_transcript(cli: Any) -> None:
         "FAIL",
         "103-245-153-249.host.neural.net.au/A NXDOMAIN",
         "99.64.50.27.in-addr.arpa/PTR NXDOMAIN",
-        "verdict: reject at helo (rule fcrdns)",
-        "reply:   550 5.7.25",
+        "verdict: reject at helo (rule generic)",
+        "reply:   550 5.7.1",
         " ms]",
     ):
         assert expected in text, expected

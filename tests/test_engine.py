@@ -71,8 +71,8 @@ def decide(
 def test_essay_rejected_by_fcrdns_with_reply() -> None:
     d, _ = decide({}, ESSAY, "103.245.153.249", "mail.digitaljunction.com.au", evaluate_all=True)
     assert d.verdict is Verdict.REJECT
-    assert d.rule == "fcrdns"
-    assert d.reply is not None and str(d.reply).startswith("550 5.7.25 ")
+    assert d.rule == "generic"  # the cheapest failing rule gives the reply
+    assert d.reply is not None and str(d.reply).startswith("550 5.7.1 ")
     found = {r.rule: r.result.outcome for r in d.reports}
     assert found["fcrdns"] is Outcome.FAIL
     assert found["helo_matches"] is Outcome.FAIL
@@ -109,7 +109,7 @@ def test_short_circuit_after_round_and_evaluate_all_runs_everything() -> None:
         {}, ESSAY, "103.245.153.249", "mail.digitaljunction.com.au", evaluate_all=True
     )
     assert quick.verdict is full.verdict is Verdict.REJECT
-    assert quick.rule == full.rule == "fcrdns"
+    assert quick.rule == full.rule == "generic"
     assert str(quick.reply) == str(full.reply)
     # the short-circuited run stopped after the round in which fcrdns failed
     assert len(src_quick.rounds) <= len(src_full.rounds)
@@ -187,17 +187,17 @@ def test_rule_exception_follows_failure_policy(
 
 
 ACTION_CASES = [
-    ("reject", "enforce", Verdict.REJECT, "550 5.7.25"),
-    ("tempfail", "enforce", Verdict.TEMPFAIL, "451 4.7.25"),
+    ("reject", "enforce", Verdict.REJECT, "550 5.7.1"),
+    ("tempfail", "enforce", Verdict.TEMPFAIL, "451 4.7.1"),
     ("warn", "enforce", Verdict.ACCEPT, None),
-    ("reject", "soft", Verdict.TEMPFAIL, "451 4.7.25"),
+    ("reject", "soft", Verdict.TEMPFAIL, "451 4.7.1"),
     ("reject", "warn", Verdict.ACCEPT, None),
 ]
 
 
 @pytest.mark.parametrize(("action", "mode", "verdict", "reply"), ACTION_CASES)
 def test_actions_and_modes(action: str, mode: str, verdict: Verdict, reply: str | None) -> None:
-    rules = {name: {"action": action} for name in ("ptr", "fcrdns", "helo_matches")}
+    rules = {name: {"action": action} for name in ("ptr", "generic", "fcrdns", "helo_matches")}
     config = {"policy": {"mode": mode}, "rules": rules}
     d, _ = decide(
         config, ESSAY, "103.245.153.249", "mail.digitaljunction.com.au", evaluate_all=True
@@ -224,7 +224,7 @@ def test_off_rules_do_not_run() -> None:
 
 def test_helo_matches_rejects_when_fcrdns_only_defers() -> None:
     """A rule that only defers does not soften another rule's certain failure."""
-    config = {"rules": {"fcrdns": {"action": "tempfail"}}}
+    config = {"rules": {"fcrdns": {"action": "tempfail"}, "generic": {"action": "off"}}}
     d, _ = decide(
         config, ESSAY, "103.245.153.249", "mail.digitaljunction.com.au", evaluate_all=True
     )

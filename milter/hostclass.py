@@ -1,0 +1,394 @@
+"""Is a host name generic (made by the address owner) or real (named by its operator)?
+
+Pure CPU, no I/O: :func:`classify` takes a name and, when known, the address
+it belongs to, and says ``generic`` or ``real`` with the evidence that
+decided.  Only the labels to the left of the registered domain (ICANN part of
+the Public Suffix List) are judged, so a pool word in a company's own domain
+(``mail.dynamicsoft.com``, ``smtp.hostpoint.ch``) never counts.
+
+The order of judgement, first match wins:
+
+1. An admin's exception pattern: real.  An admin's extra pattern: generic.
+2. A mail-role word (``mail``, ``smtp``, ``mx``, ``mta``, ``out``, ``outbound``,
+   ``relay``, ``bounce``...): real.  Big senders build names from their
+   addresses for their outbound pools (``a8-12.smtp-out.amazonses.com``,
+   ``out203-205-221-153.mail.qq.com``); the role word says a person named it
+   for mail.
+3. The address inside the name, in any encoding providers use: octets
+   forward or reversed, dashed, dotted, zero-padded or run together, the last
+   two or three octets beside a pool word, hexadecimal (``pD9E49301``), the
+   32-bit decimal integer, base 36, IPv6 hextets, nibbles, the full address or
+   the interface identifier, and an IPv4 address embedded in an IPv6 one.
+   Four octets of some other address count too (a name made from *an*
+   address is generic whoever uses it).
+4. A pool word (``dynamic``, ``dsl``, ``ppp``, ``pool``, ``cable``, ``cpe``,
+   ``customer``, ``static``, ``fios``, ``res``...): generic, with or without an
+   address (``static.vnpt.vn``, ``adsl.viettel.vn`` are placeholders shared by
+   many addresses).
+5. An opaque provider identifier: a MAC address, ``vmi123456``,
+   ``vps-5f3a2b``, ``p522356-ipngn...``, ``pcp...-pcs``, letters and six or
+   more digits: generic.
+6. A cloud or hosting default name (EC2, GCP, Azure, Linode, OVH, Hetzner,
+   Contabo...): generic.  Most of these also carry the address.
+7. Otherwise: real.
+
+Trust: the name is attacker-controlled (the client's reverse zone, or its
+HELO); nothing here raises, whatever the text.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+
+from heloguard.answers import IPAddress, normalize_name
+from heloguard.names import labels_left_of_registered, registered_domain_icann
+
+# -- vocabularies --------------------------------------------------------------
+
+# Words (digits stripped) that name a mail role.  A token is a role word when it
+# is one of these, or starts with one of ROLE_PREFIXES (mailout, smtpout, mxout).
+ROLE_WORDS = frozenset(
+    """
+    mail email emails smtp smtps mx mxout mta out outbound outgoing relay relays mailout
+    mailer mailers sender senders bounce bounces bounced exchange mailgw mailhost delivery
+    inbound mailrelay newsletter newsletters list lists mailing postfix sendmail exim
+    mailsrv mailserver esmtp imap pop pop3 webmail mailin mailbox spamfilter antispam
+    mailfilter mailscanner mxin mxa mxb mtaout
+    """.split()  # noqa: SIM905 - a word list reads best as words
+)
+ROLE_PREFIXES = ("mail", "smtp", "mta", "relay", "outbound", "bounce", "mxout")
+
+# Words providers put in the names of customer address pools.
+POOL_WORDS = frozenset(
+    """
+    dynamic dyn dynip dynamicip dhcp dsl adsl vdsl xdsl sdsl hdsl ppp pppoe pppoa pool
+    pools cable cablemodem cm cpe client clients customer customers cust subscriber
+    subscribers subs sub broadband bb fios ftth fttx fttc fttb fttp fibre fiber res resnet
+    residential home user users dial dialup dialin dip static sta fixed fixip nat cgnat
+    gprs umts lte wimax wireless wifi wlan mobile mob catv hfc hsd modem unassigned unused
+    unknown noptr norev reverse rev ipv4 ipv6 ip4 ip6 business biz cidr dialpool dsldevice
+    adsldevice dyndsl dhcpdsl
+    """.split()  # noqa: SIM905 - a word list reads best as words
+)
+
+# Cloud and hosting defaults that need not carry the address (suffix, evidence).
+CLOUD_SUFFIXES: tuple[tuple[str, str], ...] = (
+    (".compute.amazonaws.com", "Amazon EC2 default name"),
+    (".compute-1.amazonaws.com", "Amazon EC2 default name"),
+    (".compute.amazonaws.com.cn", "Amazon EC2 default name"),
+    (".googleusercontent.com", "Google Cloud default name"),
+    (".cloudapp.net", "Azure default name"),
+    (".cloudapp.azure.com", "Azure default name"),
+    (".members.linode.com", "Linode default name"),
+    (".ip.linodeusercontent.com", "Linode default name"),
+    (".contaboserver.net", "Contabo default name"),
+    (".your-server.de", "Hetzner default name"),
+    (".vultrusercontent.com", "Vultr default name"),
+    (".vultr.com", "Vultr default name"),
+    (".scaleway.com", "Scaleway default name"),
+    (".poneytelecom.eu", "Scaleway default name"),
+    (".oraclecloud.com", "Oracle Cloud default name"),
+    (".aliyun.com", "Alibaba Cloud default name"),
+    (".hostwindsdns.com", "Hostwinds default name"),
+    (".secureserver.net", "GoDaddy hosting default name"),
+    (".onlinehome-server.info", "IONOS hosting default name"),
+    (".kimsufi.com", "OVH default name"),
+    (".ovh.net", "OVH default name"),
+    (".hostinger.com", "Hostinger default name"),
+)
+
+_SPLIT = re.compile(r"[^a-z0-9]+")
+_DIGITS = re.compile(r"\d+")
+_HEXRUN = re.compile(r"[0-9a-f]+")
+_MAC = re.compile(r"(?<![0-9a-f])(?:[0-9a-f]{2}[-_.]?){5}[0-9a-f]{2}(?![0-9a-f])")
+OPAQUE_SHAPES: tuple[tuple[re.Pattern[str], str], ...] = (
+    (re.compile(r"^p\d{4,}-ip[a-z]+"), "provider line identifier"),
+    (re.compile(r"^pcp\d+-?pcs"), "provider line identifier"),
+    (re.compile(r"^vmi\d{3,}$"), "VM identifier"),
+    (re.compile(r"^vps-?[0-9a-f]{5,}$"), "VPS identifier"),
+    (re.compile(r"^(?:vps|vds|srv|server|node|host|ded)-?\d{5,}$"), "server identifier"),
+    (re.compile(r"^[a-z]{1,3}\d{6,}$"), "letters and a long serial number"),
+    (re.compile(r"^cpe-?[0-9a-f]{12}$"), "CPE and a MAC address"),
+    (
+        re.compile(r"^(?=[0-9a-f]*[a-f][0-9a-f]*[a-f])(?=(?:[a-f]*\d){4})[0-9a-f]{12,}$"),
+        "hex identifier",
+    ),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """The classification of one name."""
+
+    generic: bool
+    kind: str  # address, address-like, pool-word, opaque-id, cloud, role, extra, exception, plain
+    evidence: str
+
+    def __str__(self) -> str:
+        return f"{'generic' if self.generic else 'real'} ({self.kind}): {self.evidence}"
+
+
+@dataclass(frozen=True, slots=True)
+class Patterns:
+    """Admin additions: extra generic patterns and exceptions (regexes on the whole name)."""
+
+    extra: tuple[re.Pattern[str], ...] = ()
+    exceptions: tuple[re.Pattern[str], ...] = ()
+
+    @classmethod
+    def compile(cls, extra: Iterable[str] = (), exceptions: Iterable[str] = ()) -> Patterns:
+        """Compile admin patterns (raises re.error on a bad one)."""
+        return cls(
+            tuple(re.compile(p, re.IGNORECASE) for p in extra),
+            tuple(re.compile(p, re.IGNORECASE) for p in exceptions),
+        )
+
+
+NO_PATTERNS = Patterns()
+
+
+# -- address encodings ---------------------------------------------------------
+
+
+def _to_base36(n: int) -> str:
+    digits = "0123456789abcdefghijklmnopqrstuvwxyz"
+    out = ""
+    while n:
+        n, r = divmod(n, 36)
+        out = digits[r] + out
+    return out or "0"
+
+
+def _contains(seq: Sequence[int], sub: Sequence[int]) -> bool:
+    n = len(sub)
+    return any(list(seq[i : i + n]) == list(sub) for i in range(len(seq) - n + 1))
+
+
+@lru_cache(maxsize=4096)
+def _v4_strings(packed: bytes) -> tuple[tuple[str, str], ...]:
+    """Run-together encodings of an IPv4 address: (text, description)."""
+    o = list(packed)
+    value = int.from_bytes(packed, "big")
+    return (
+        ("".join(f"{x:03d}" for x in o), "octets zero-padded and run together"),
+        ("".join(f"{x:03d}" for x in reversed(o)), "octets reversed, zero-padded, run together"),
+        ("".join(f"{x:02x}" for x in o), "hexadecimal"),
+        ("".join(f"{x:02x}" for x in reversed(o)), "hexadecimal, reversed"),
+        (str(value), "32-bit decimal integer"),
+        (_to_base36(value), "base 36"),
+    )
+
+
+# An octet is a run of 1-3 digits standing alone ("-73-"), or at the end or
+# start of a word whose letters are not all hex digits ("out203", "host1").
+# Digits inside hex-looking tokens ("1a", "ec2", "d9e4") are not octets.
+_ALNUM = re.compile(r"[a-z0-9]+")
+_WORD_DIGITS = re.compile(r"^([a-z]*)(\d{1,3})$|^(\d{1,3})([a-z]*)$")
+_NOT_HEX = re.compile(r"[g-z]")
+
+
+def _octet_tokens(left: str) -> list[int]:
+    out: list[int] = []
+    for token in _ALNUM.findall(left):
+        if token.isdigit():
+            if len(token) <= 3:
+                out.append(int(token))
+            continue
+        m = _WORD_DIGITS.match(token)
+        if m:
+            letters = m.group(1) if m.group(2) else m.group(4)
+            digits = m.group(2) or m.group(3)
+            if _NOT_HEX.search(letters):
+                out.append(int(digits))
+    return out
+
+
+def _v4_in(left: str, addr: ipaddress.IPv4Address, pooled: bool) -> str:
+    """How ``addr`` appears in ``left`` ("" when it does not)."""
+    o = list(addr.packed)
+    nums = _octet_tokens(left)
+    if _contains(nums, o):
+        return f"address {addr} as octets ({'-'.join(map(str, o))})"
+    if _contains(nums, o[::-1]):
+        return f"address {addr} as reversed octets ({'-'.join(map(str, o[::-1]))})"
+    compact = left.replace("-", "").replace(".", "").replace("_", "")
+    for text, how in _v4_strings(addr.packed):
+        if len(text) >= 5 and text in compact:
+            return f"address {addr} as {how} ({text})"
+    plain = "".join(map(str, o))
+    if len(plain) >= 8 and any(run == plain for run in _DIGITS.findall(left)):
+        return f"address {addr} as octets run together ({plain})"
+    if _contains(nums, o[1:]) or _contains(nums, o[::-1][:3]):
+        return f"address {addr}: three octets in the name"
+    if pooled and (_contains(nums, o[2:]) or _contains(nums, o[::-1][:2])):
+        return f"address {addr}: last two octets beside a pool word"
+    return ""
+
+
+def _hex_tokens(left: str) -> list[str]:
+    return _HEXRUN.findall(left)
+
+
+def _v6_in(left: str, addr: ipaddress.IPv6Address, pooled: bool) -> str:
+    """How an IPv6 address appears in ``left`` ("" when it does not)."""
+    full = addr.exploded.replace(":", "")
+    compact = re.sub(r"[^0-9a-f]", "", left)
+    if full in compact:
+        return f"address {addr} in full hexadecimal"
+    if full[16:] in compact and full[16:].strip("0"):
+        return f"address {addr}: interface identifier {full[16:]}"
+    if full[::-1][:16] in compact and full[16:].strip("0"):
+        return f"address {addr} as reversed nibbles"
+    nibbles = "".join(re.findall(r"(?:^|(?<=[.-]))([0-9a-f])(?=[.-]|$)", left))
+    if len(nibbles) >= 16 and (nibbles in full or nibbles in full[::-1]):
+        order = "forward" if nibbles in full else "reversed"
+        return f"address {addr} as {order} nibbles ({len(nibbles)} of 32)"
+    hextets = [int(h, 16) for h in addr.exploded.split(":")]
+    tokens = [int(t, 16) for t in _hex_tokens(left) if len(t) <= 4]
+    squeezed = _squeeze_zeros(hextets)
+    for candidate in (hextets, squeezed):
+        for i in range(len(candidate) - 2):
+            window = candidate[i : i + 3]
+            if any(window) and _contains(tokens, window):
+                return f"address {addr} as hextets ({'-'.join(f'{h:x}' for h in window)})"
+    for v4 in _embedded_v4(addr):
+        found = _v4_in(left, v4, pooled)
+        if found:
+            return f"IPv4 {v4} embedded in {addr}: {found}"
+    return ""
+
+
+def _squeeze_zeros(hextets: list[int]) -> list[int]:
+    """Hextets with the longest run of zeros removed (as in ``2001-db8--25``)."""
+    best, start = (0, -1), -1
+    for i, h in enumerate([*hextets, 1]):
+        if h == 0 and start < 0:
+            start = i
+        elif h != 0 and start >= 0:
+            best = max(best, (i - start, start))
+            start = -1
+    length, at = best
+    return hextets if length == 0 else hextets[:at] + hextets[at + length :]
+
+
+def _embedded_v4(addr: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
+    """IPv4 addresses an IPv6 address may carry: mapped, 6to4, or its last 32 bits."""
+    out = []
+    if addr.ipv4_mapped:
+        out.append(addr.ipv4_mapped)
+    if addr.sixtofour:
+        out.append(addr.sixtofour)
+    out.append(ipaddress.IPv4Address(addr.packed[-4:]))
+    # an address starting with 0 is no address (and would match any run of zeros)
+    return [v4 for v4 in out if v4.packed[0] != 0]
+
+
+def _address_like(left: str) -> str:
+    """Four octets of some address in a row (a name made from an address)."""
+    nums = _octet_tokens(left)
+    for i in range(len(nums) - 3):
+        window = nums[i : i + 4]
+        if all(0 <= x <= 255 for x in window):
+            return f"an IPv4 address in the name ({'-'.join(map(str, window))})"
+    nibbles = re.findall(r"(?:^|[.-])([0-9a-f])(?=[.-]|$)", left)
+    if len(nibbles) >= 16:
+        return "IPv6 nibbles in the name"
+    m = _V6_LIKE.search(left)
+    if m:
+        return f"an IPv6 address in the name ({m.group(0)})"
+    return ""
+
+
+# A global unicast IPv6 address (2000::/3) written with dashes: 2a02-8108-1-2...
+_V6_LIKE = re.compile(r"(?<![0-9a-z])[23][0-9a-f]{3}(?:[-:][0-9a-f]{0,4}){3,}")
+
+
+# -- words ---------------------------------------------------------------------
+
+
+def _tokens(left: str) -> list[str]:
+    return [t for t in _SPLIT.split(left) if t]
+
+
+def _role_word(tokens: Iterable[str]) -> str:
+    for t in tokens:
+        word = _DIGITS.sub("", t)
+        if word in ROLE_WORDS or (word and word.startswith(ROLE_PREFIXES)):
+            return t
+    return ""
+
+
+def _pool_word(tokens: Iterable[str]) -> str:
+    for t in tokens:
+        word = _DIGITS.sub("", t)
+        if word in POOL_WORDS or t in POOL_WORDS:
+            return t
+    return ""
+
+
+def _opaque(left: str) -> str:
+    for label in left.split("."):
+        if _MAC.search(label) and sum(c.isdigit() for c in label) >= 4:
+            return f"a MAC address in {label!r}"
+        for shape, how in OPAQUE_SHAPES:
+            if shape.search(label):
+                return f"{how} {label!r}"
+    return ""
+
+
+def _cloud(name: str) -> str:
+    for suffix, how in CLOUD_SUFFIXES:
+        if name.endswith(suffix):
+            return how
+    return ""
+
+
+# -- the classifier ------------------------------------------------------------
+
+
+def classify(
+    name: str, address: IPAddress | None = None, patterns: Patterns = NO_PATTERNS
+) -> Verdict:
+    """Classify ``name``; ``address`` is the client's, when known."""
+    name = normalize_name(name)
+    for pat in patterns.exceptions:
+        if pat.search(name):
+            return Verdict(False, "exception", f"matches exception /{pat.pattern}/")
+    for pat in patterns.extra:
+        if pat.search(name):
+            return Verdict(True, "extra", f"matches extra pattern /{pat.pattern}/")
+    left = labels_left_of_registered(name)
+    if not left:
+        if registered_domain_icann(name) is None and "." not in name:
+            return Verdict(True, "plain", "a single label")
+        return Verdict(False, "plain", "the registered domain itself")
+    tokens = _tokens(left)
+    role = _role_word(tokens)
+    if role:
+        return Verdict(False, "role", f"mail-role word {role!r}")
+    pool = _pool_word(tokens)
+    if address is not None:
+        if isinstance(address, ipaddress.IPv4Address):
+            found = _v4_in(left, address, bool(pool))
+        else:
+            found = _v6_in(left, address, bool(pool))
+        if found:
+            return Verdict(True, "address", found)
+    like = _address_like(left)
+    if like:
+        return Verdict(True, "address-like", like)
+    if pool:
+        return Verdict(
+            True, "pool-word", f"pool word {pool!r} left of {registered_domain_icann(name)}"
+        )
+    opaque = _opaque(left)
+    if opaque:
+        return Verdict(True, "opaque-id", opaque)
+    cloud = _cloud(name)
+    if cloud:
+        return Verdict(True, "cloud", cloud)
+    return Verdict(False, "plain", "no address, pool word or provider pattern")
