@@ -11,9 +11,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import cold_chain
+import generic_names
 from common import ROOT, machine
 
-SECTIONS = [cold_chain]
+SECTIONS = [cold_chain, generic_names]
 
 
 def main() -> int:

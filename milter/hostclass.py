@@ -62,7 +62,8 @@ ROLE_WORDS = frozenset(
 )
 ROLE_PREFIXES = ("mail", "smtp", "mta", "relay", "outbound", "bounce", "mxout")
 
-# Words providers put in the names of customer address pools.
+# Words providers put in the names of customer address pools, in the languages
+# their subscribers speak (abo, kunde, cliente: subscriber, customer).
 POOL_WORDS = frozenset(
     """
     dynamic dyn dynip dynamicip dhcp dsl adsl vdsl xdsl sdsl hdsl ppp pppoe pppoa pool
@@ -71,7 +72,9 @@ POOL_WORDS = frozenset(
     residential home user users dial dialup dialin dip static sta fixed fixip nat cgnat
     gprs umts lte wimax wireless wifi wlan mobile mob catv hfc hsd modem unassigned unused
     unknown noptr norev reverse rev ipv4 ipv6 ip4 ip6 business biz cidr dialpool dsldevice
-    adsldevice dyndsl dhcpdsl
+    adsldevice dyndsl dhcpdsl hosted rdns norevdns unallocated unconfigured notconfigured
+    abo abonne abonnes kunde kunden cliente clientes clienti utente utenti usuario usuarios
+    dinamico dinamica dinamic dynamique statique estatico estatica fixo fixa
     """.split()  # noqa: SIM905 - a word list reads best as words
 )
 
@@ -223,9 +226,13 @@ def _v4_in(left: str, addr: ipaddress.IPv4Address, pooled: bool) -> str:
     if len(plain) >= 8 and any(run == plain for run in _DIGITS.findall(left)):
         return f"address {addr} as octets run together ({plain})"
     if _contains(nums, o[1:]) or _contains(nums, o[::-1][:3]):
-        return f"address {addr}: three octets in the name"
+        return f"address {addr}: its last three octets in the name"
+    if _contains(nums, o[:3]) or _contains(nums, o[::-1][1:]):
+        return f"address {addr}: its network's three octets in the name"
     if pooled and (_contains(nums, o[2:]) or _contains(nums, o[::-1][:2])):
         return f"address {addr}: last two octets beside a pool word"
+    if pooled and _contains(nums, o[:2]):
+        return f"address {addr}: first two octets beside a pool word"
     return ""
 
 
@@ -330,14 +337,38 @@ def _pool_word(tokens: Iterable[str]) -> str:
     return ""
 
 
+# A long run of hex digits inside a label: a MAC address or a hash, the way
+# cable providers name modems (s0106e0b70af841da).
+_HEX_ID = re.compile(r"[0-9a-f]{12,}")
+
+
+def _hex_id(label: str) -> bool:
+    for run in _HEX_ID.findall(label):
+        letters = sum(c in "abcdef" for c in run)
+        if letters >= 2 and len(run) - letters >= 4:
+            return True
+    return False
+
+
 def _opaque(left: str) -> str:
     for label in left.split("."):
         if _MAC.search(label) and sum(c.isdigit() for c in label) >= 4:
             return f"a MAC address in {label!r}"
+        if _hex_id(label):
+            return f"a MAC address or hash in {label!r}"
         for shape, how in OPAQUE_SHAPES:
             if shape.search(label):
                 return f"{how} {label!r}"
     return ""
+
+
+def _without_suffix(name: str) -> str:
+    """The name without its public suffix (``ip244.ip-137-74-2`` for ``ip244.ip-137-74-2.eu``)."""
+    reg = registered_domain_icann(name)
+    if reg is None:
+        return name
+    suffix = reg[reg.index(".") :]
+    return name[: -len(suffix)]
 
 
 def _cloud(name: str) -> str:
@@ -372,10 +403,14 @@ def classify(
         return Verdict(False, "role", f"mail-role word {role!r}")
     pool = _pool_word(tokens)
     if address is not None:
+        # The client's own address is looked for in the registered domain too:
+        # some providers register a domain per network (OVH's ip-137-74-2.eu),
+        # and an exact match of the address's octets is no coincidence.
+        scope = _without_suffix(name)
         if isinstance(address, ipaddress.IPv4Address):
-            found = _v4_in(left, address, bool(pool))
+            found = _v4_in(scope, address, bool(pool))
         else:
-            found = _v6_in(left, address, bool(pool))
+            found = _v6_in(scope, address, bool(pool))
         if found:
             return Verdict(True, "address", found)
     like = _address_like(left)

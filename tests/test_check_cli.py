@@ -307,3 +307,80 @@ def test_dry_run_honours_trusted_networks_and_exceptions(cli: Any, dns_server: D
     assert excused.code == 0 and "verified name ukiah.firemountain.net" in excused.json()["exempt"]
     spoofed = cli("check", "--json", "--config", str(names), *ESSAY)
     assert spoofed.code == 5, "an unconfirmed PTR name earns no exception"
+
+
+def test_generic_rule_needs_no_dns_with_ptr_given(cli: Any, dns_server: DNSServer) -> None:
+    lines = [
+        {"id": "bot", "ip": "103.245.153.249", "ptr": "103-245-153-249.host.neural.net.au"},
+        {"id": "ses", "ip": "54.240.8.12", "ptr": "a8-12.smtp-out.amazonses.com"},
+        {"id": "v6", "ip": "2a02:8108:1:2::25", "ptr": "2a02-8108-1-2--25.dyn.isp-example.de"},
+    ]
+    res = cli(
+        "check",
+        "--batch",
+        "-",
+        "--rules",
+        "generic",
+        stdin="".join(json.dumps(x) + "\n" for x in lines),
+    )
+    out = {o["id"]: o for o in res.lines()}
+    assert out["bot"]["verdict"] == "reject" and out["bot"]["reply"].startswith("550 5.7.1 ")
+    assert out["ses"]["verdict"] == "accept"
+    assert out["v6"]["verdict"] == "reject"
+    assert "hextets" in out["v6"]["rules"][0]["reason"]
+    assert all(o["dns_sent"] == 0 for o in out.values())
+    assert dns_server.queries() == [], "with --ptr given, classifying costs no DNS question"
+    single = cli(
+        "check",
+        "--json",
+        "--rules",
+        "generic",
+        "--ip",
+        "54.240.8.12",
+        "--ptr",
+        "a8-12.smtp-out.amazonses.com",
+    )
+    assert single.code == 0 and "mail-role word" in single.json()["rules"][0]["reason"]
+
+
+def test_generic_patterns_from_config(cli: Any, dns_server: DNSServer) -> None:
+    cfg = write_config(
+        dns_server,
+        {
+            "rules": {
+                "generic": {
+                    "extra_patterns": [r"\.badhost\.example$"],
+                    "exceptions": [r"^dsl-7\.partner\.example$"],
+                }
+            }
+        },
+    )
+    bad = cli(
+        "check",
+        "--json",
+        "--config",
+        str(cfg),
+        "--rules",
+        "generic",
+        "--ip",
+        "192.0.2.5",
+        "--ptr",
+        "srv.badhost.example",
+    )
+    assert bad.code == 5 and "extra pattern" in bad.json()["rules"][0]["reason"]
+    spared = cli(
+        "check",
+        "--json",
+        "--config",
+        str(cfg),
+        "--rules",
+        "generic",
+        "--ip",
+        "192.0.2.5",
+        "--ptr",
+        "dsl-7.partner.example",
+    )
+    assert spared.code == 0 and "exception" in spared.json()["rules"][0]["reason"]
+    broken = write_config(dns_server, {"rules": {"generic": {"extra_patterns": ["(unclosed"]}}})
+    res = cli("check", "--config", str(broken), "--ip", "192.0.2.5", "--helo", "x.example")
+    assert res.code == 78 and "rules.generic" in res.stderr
