@@ -372,6 +372,21 @@ def _fill_helo_ours(rules: dict[str, RuleConfig], policy: PolicyConfig) -> None:
     rules["helo_ours"] = RuleConfig(entry.action, filled)
 
 
+def _fill_rhsbl_sender(rules: dict[str, RuleConfig]) -> None:
+    """rhsbl_sender asks the zones of [rules.rhsbl] unless given its own."""
+    own, base = rules.get("rhsbl_sender"), rules.get("rhsbl")
+    if own is None or base is None or own.options.zones:
+        return
+    filled = dataclasses.replace(
+        own.options,
+        zones=base.options.zones,
+        threshold=base.options.threshold,
+        on_timeout=base.options.on_timeout,
+        txt=base.options.txt,
+    )
+    rules["rhsbl_sender"] = RuleConfig(own.action, filled)
+
+
 def from_mapping(data: Mapping[str, object], source: str = EMBEDDED) -> Config:
     """Validate a parsed TOML document into a :class:`Config`."""
     try:
@@ -400,6 +415,7 @@ def from_mapping(data: Mapping[str, object], source: str = EMBEDDED) -> Config:
         rules_table = data.get("rules", {})
         rules = _build_rules(rules_table if isinstance(rules_table, Mapping) else {})
         _fill_helo_ours(rules, policy)
+        _fill_rhsbl_sender(rules)
         return Config(
             dns=dns_cfg,
             policy=policy,

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
@@ -40,6 +41,7 @@ from typing import Any, Protocol
 
 from heloguard.answers import Answer, Origin, Query, Status
 from heloguard.config import Action, Config, Mode
+from heloguard.logfmt import printable
 from heloguard.names import registered_domain, registered_domain_icann
 from heloguard.resolver import Resolver
 from heloguard.rules import REGISTRY
@@ -198,6 +200,8 @@ class _Entry:
 
 
 def _effect(result: Result, action: Action) -> tuple[Effect, Reply | None]:
+    if result.warn_only and result.outcome in (Outcome.FAIL, Outcome.TEMPFAIL):
+        return Effect.WARN, result.reply
     if result.outcome is Outcome.FAIL:
         if action is Action.REJECT:
             return Effect.REJECT, result.reply
@@ -223,6 +227,7 @@ class Engine:
     ) -> None:
         self.config = config
         self.on_error = on_error
+        self.alerts: Counter[str] = Counter()  # misconfigurations seen, by rule
         registry = rules if rules is not None else REGISTRY
         entries = []
         for index, (name, rule) in enumerate(registry.items()):
@@ -270,6 +275,9 @@ class Engine:
             reports.extend(phase.reports)
             for q, a in phase.answers.items():
                 answers.setdefault(q, a)
+            if phase.exempt:  # a DNSWL hit: the other checks are skipped
+                deciding = phase
+                break
             if deciding is None and phase.enforced is not Verdict.ACCEPT:
                 deciding = phase
                 if not evaluate_all:
@@ -338,8 +346,16 @@ class Engine:
         seconds = budget if budget is not None else self.config.dns.budget
         phase = _Phase(ctx, entries, evaluate_all, self.on_error)
         await phase.run(dns, dns.now() + seconds)
-        decision = self._combine(phase.reports(), stage)
+        reports = phase.reports()
+        for r in reports:
+            for alert in r.result.alerts:
+                self.alerts[r.rule] += 1
+                log.warning("misconfiguration (rule %s): %s", r.rule, printable(alert, 400))
+        decision = self._combine(reports, stage)
         decision.answers = phase.answers
+        exempt = next((r for r in reports if r.result.exempt), None)
+        if exempt is not None:
+            decision.exempted(f"{exempt.rule}: {exempt.result.exempt}")
         return decision
 
 
@@ -363,8 +379,16 @@ class _Phase:
         return [self.done[e.rule.name] for e in self.entries if e.rule.name in self.done]
 
     def rejected(self) -> bool:
-        """True when a finished rule rejects and the phase may stop."""
-        return not self.evaluate_all and any(r.effect is Effect.REJECT for r in self.done.values())
+        """True when a finished rule rejects and the phase may stop.
+
+        Not while a rule that can exempt the client (dnswl) has yet to answer:
+        its hit would skip every other check.
+        """
+        if self.evaluate_all:
+            return False
+        if any(e.rule.exempts and e.rule.name not in self.done for e in self.entries):
+            return False
+        return any(r.effect is Effect.REJECT for r in self.done.values())
 
     def finish(self, e: _Entry, result: Result, error: bool = False) -> None:
         """Record a rule's finding, applying the TEMP guard and its action."""

@@ -9,11 +9,32 @@ log field; :func:`for_reply` makes it safe inside a reply text.
 
 from __future__ import annotations
 
+import re
+
 _SAFE = frozenset(chr(c) for c in range(0x21, 0x7F)) - {"\\", "<", ">", "[", "]", "="}
+
+# Access keys embedded in DNS list zone names (KEY.zen.dq.spamhaus.net): they
+# must never reach a reply, a log line or a JSON record.
+_SECRETS: set[str] = set()
+
+
+def register_secret(secret: str) -> None:
+    """Keep ``secret`` out of everything heloguard prints."""
+    if len(secret) >= 8:
+        _SECRETS.add(secret.lower())
+
+
+def redact(text: str) -> str:
+    """``text`` with every registered secret replaced by ``<key>``."""
+    for secret in _SECRETS:
+        if secret in text.lower():
+            text = re.sub(re.escape(secret), "<key>", text, flags=re.IGNORECASE)
+    return text
 
 
 def escape(text: str, limit: int = 512) -> str:
     """Printable ASCII kept; everything else as ``\\xNN`` / ``\\uNNNN``; cut at ``limit``."""
+    text = redact(text)
     out: list[str] = []
     size = 0
     for ch in text:
@@ -35,6 +56,7 @@ def escape(text: str, limit: int = 512) -> str:
 
 def printable(text: str, limit: int = 512) -> str:
     """For human transcripts: like :func:`escape` but spaces and brackets kept."""
+    text = redact(text)
     out: list[str] = []
     for ch in text[:limit]:
         if 0x20 <= ord(ch) < 0x7F and ch != "\\":
@@ -48,11 +70,13 @@ def printable(text: str, limit: int = 512) -> str:
 
 def for_reply(text: str, limit: int = 100) -> str:
     """Attacker text shown inside an SMTP reply: printable ASCII only, short."""
+    text = redact(text)
     cleaned = "".join(ch if 0x20 <= ord(ch) < 0x7F else "?" for ch in text)
     return cleaned if len(cleaned) <= limit else cleaned[: limit - 3] + "..."
 
 
 def reply_text(text: str) -> str:
     """A whole reply text made safe for libmilter's smfi_setreply (``%`` doubled)."""
+    text = redact(text)
     cleaned = "".join(ch if 0x20 <= ord(ch) < 0x7F else "?" for ch in text)
     return cleaned.replace("%", "%%")

@@ -140,13 +140,17 @@ class Session:
         """The client said HELO/EHLO: judge it."""
         self.helo_raw = argument
         if self.skip:
-            return ACCEPT if self._nothing_later() else CONTINUE
+            return ACCEPT  # not judged: nothing later applies either
         decision = self._decide(HELO_PHASE)
         self.helo_decision = decision
+        if decision.exempt:  # a DNSWL hit: not judged any further
+            self.skip = decision.exempt
+            self._log("pass", "HELO", decision, decision.exempt, spared=True)
+            return ACCEPT
         return self._verdict(decision, "HELO")
 
     def mail(self, sender: str, auth: str | None = None) -> Step:
-        """MAIL FROM: spare authenticated clients; judge a client that skipped HELO."""
+        """MAIL FROM: spare authenticated clients; judge the sender (and a HELO-less client)."""
         self.sender = sender
         self.recipients = []
         if self.skip:
@@ -161,15 +165,30 @@ class Session:
             return CONTINUE
         if self.helo_decision is None:
             self.helo_decision = self._decide(HELO_PHASE)
-            return self._verdict(self.helo_decision, "MAIL")
-        return CONTINUE
+            if self.helo_decision.exempt:
+                self.skip = self.helo_decision.exempt
+                return CONTINUE
+            step = self._verdict(self.helo_decision, "MAIL")
+            if step.refuses or self.skip:
+                return step
+        if self.pending is not None or not self.rt.engine.rules_for([Stage.MAIL]):
+            return CONTINUE
+        return self._verdict(self._decide([[Stage.MAIL]]), "MAIL")
 
     def rcpt(self, recipient: str) -> Step:
-        """RCPT TO: answer a kept verdict."""
+        """RCPT TO: answer a kept verdict, or judge the recipient stage."""
         self.recipients.append(recipient)
-        if self.skip or self.auth or self.pending is None:
+        if self.skip or self.auth:
             return CONTINUE
-        return self._refuse(self.pending, "RCPT")
+        if self.pending is not None:
+            return self._refuse(self.pending, "RCPT")
+        if not self.rt.engine.rules_for([Stage.RCPT]):
+            return CONTINUE
+        decision = self._decide([[Stage.RCPT]])
+        if decision.verdict is Verdict.ACCEPT:
+            self._log_accept(decision, "RCPT")
+            return CONTINUE
+        return self._refuse(decision, "RCPT")
 
     def abort(self) -> None:
         """The current message was aborted (RSET): forget its envelope."""
@@ -181,9 +200,6 @@ class Session:
         self.prefetch = None
 
     # -- helpers ----------------------------------------------------------
-
-    def _nothing_later(self) -> bool:
-        return self.rt.config.milter.reject_stage == "helo"
 
     def _context(self) -> Context:
         if self.client is None:
@@ -211,7 +227,8 @@ class Session:
             if exception:
                 self._log("pass", stage, decision, exception, spared=True)
                 decision.exempted(exception)
-                return ACCEPT if self._nothing_later() else CONTINUE
+                self.skip = exception
+                return ACCEPT
         if decision.verdict is Verdict.ACCEPT:
             self._log_accept(decision, stage)
             return CONTINUE

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from heloguard.rules import (
+    dnsbl,
     fcrdns,
     generic,
     helo_fcrdns,
@@ -19,6 +20,8 @@ from heloguard.rules import (
     helo_resolves,
     helo_syntax,
     ptr,
+    rhsbl,
+    sender_mx,
 )
 from heloguard.rules.base import Rule
 
@@ -29,11 +32,17 @@ REGISTRY: dict[str, Rule[Any]] = {
         helo_literal.RULE,
         helo_ours.RULE,
         generic.HELO_RULE,
+        dnsbl.WL_RULE,
         ptr.RULE,
         generic.RULE,
+        dnsbl.RULE,
         helo_resolves.RULE,
         fcrdns.RULE,
         helo_matches.RULE,
         helo_fcrdns.RULE,
+        rhsbl.RULE,
+        sender_mx.CLIENT_RULE,
+        rhsbl.SENDER_RULE,
+        sender_mx.RULE,
     )
 }

@@ -101,6 +101,12 @@ class Result:
     # A fail that holds whatever TEMP answers the rule also saw (a DNSBL listing
     # while another list timed out).  Otherwise the engine defers such a fail.
     certain: bool = False
+    # A fail whose defects are all configured as warnings: logged, never refused.
+    warn_only: bool = False
+    # Misconfigurations worth a loud log line and a counter (a DNSBL error code).
+    alerts: tuple[str, ...] = ()
+    # Non-empty: the client is exempt from every rule (a DNSWL hit), and why.
+    exempt: str = ""
 
 
 def passed(reason: str, *, notes: tuple[str, ...] = (), **facts: Any) -> Result:
@@ -169,6 +175,9 @@ class Rule(Generic[OptionsT]):
     check: Callable[[Context, OptionsT], Check | Result]
     doc: str
     default_action: str = "reject"
+    # True for rules whose finding can exempt the client (dnswl): the engine
+    # does not stop at a rejection until they have answered.
+    exempts: bool = False
 
     @property
     def summary(self) -> str:

@@ -17,8 +17,8 @@ from __future__ import annotations
 from collections.abc import Generator
 from dataclasses import dataclass
 
-from heloguard.answers import Answer, Query
-from heloguard.names import hostname_problem
+from heloguard.answers import Answer, IPAddress, Query
+from heloguard.names import hostname_problem, reverse_name
 from heloguard.rules.base import Answers, Batch, Context, ask
 
 
@@ -51,7 +51,13 @@ def ptr_name_problem(name: str) -> str:
 
 def client_names(ctx: Context, max_names: int) -> Generator[Batch, Answers, ClientNames]:
     """PTR of the client, then forward confirmation of every usable PTR name."""
-    ptr_q = Query.of(ctx.reverse, "PTR")
+    return (yield from confirmed_names(ctx.client, max_names))
+
+
+def confirmed_names(address: IPAddress, max_names: int) -> Generator[Batch, Answers, ClientNames]:
+    """Forward-confirmed reverse DNS of any address (the client's, an MX host's)."""
+    ptr_q = Query.of(reverse_name(address), "PTR")
+    family = "A" if address.version == 4 else "AAAA"
     answers = yield from ask(ptr_q)
     ptr = answers[ptr_q]
     if not ptr.ok:
@@ -61,9 +67,9 @@ def client_names(ctx: Context, max_names: int) -> Generator[Batch, Answers, Clie
     ignored = tuple(n for n in ptr.records if n not in names)
     if not names:
         return ClientNames(ptr, (), ignored, (), ())
-    queries = [Query.of(n, ctx.family_rdtype) for n in names]
+    queries = [Query.of(n, family) for n in names]
     fwd = yield from ask(*queries)
     verified = tuple(
-        n for n, q in zip(names, queries, strict=True) if ctx.client in fwd[q].addresses()
+        n for n, q in zip(names, queries, strict=True) if address in fwd[q].addresses()
     )
     return ClientNames(ptr, names, ignored, verified, tuple(fwd[q] for q in queries))

@@ -230,7 +230,7 @@ def run_session(
     *,
     ip: str,
     helo: str | bytes,
-    sender: str = "sender@example.org",
+    sender: str = "rsk@gsp.org",
     rcpt: str = "postmaster@example.test",
     daemon_name: str = "mx",
     auth: str | None = None,

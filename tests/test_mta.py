@@ -297,3 +297,178 @@ def test_inet_socket_with_postfix(start_milter: Any, dns_server: DNSServer) -> N
     mail = bot.reply("MAIL")
     assert mail is not None and mail.code == 550 and "5.7.1" in mail.text, bot
     assert good.delivered, good
+
+
+# -- issue 5: lists and sender MX through the MTAs -------------------------------
+
+OFF = {
+    name: {"action": "off"}
+    for name in (
+        "helo_syntax",
+        "helo_literal",
+        "helo_ours",
+        "generic_helo",
+        "ptr",
+        "generic",
+        "helo_resolves",
+        "fcrdns",
+        "helo_matches",
+        "helo_fcrdns",
+        "client_mx",
+    )
+}
+LISTS = {
+    "rules": {
+        **OFF,
+        "sender_mx": {"action": "off"},
+        "dnsbl": {"zones": ["bl.test=127.0.0.[2..4]"]},
+        "rhsbl": {"zones": ["dbl.test=127.0.1.[2..99]"]},
+    }
+}
+MXONLY = {"rules": {**OFF, "sender_mx": {"strict": False}}}
+MXSTRICT = {"rules": {**OFF, "sender_mx": {"strict": True}}}
+ALLOW = {"rules": {"dnswl": {"zones": ["wl.test"]}}}
+MX = "mxcases.example.net"
+
+LIST_CASES = [
+    # label, config, client, sender, verdict, reply prefix
+    (
+        "dnsbl listed",
+        LISTS,
+        BOT,
+        "rsk@gsp.org",
+        "reject",
+        "554 5.7.1 Service unavailable; client [103.245.153.249]",
+    ),
+    (
+        "dnsbl error code",
+        LISTS,
+        {"addr": "64.71.1.254", "helo": "ukiah.firemountain.net"},
+        "rsk@gsp.org",
+        "accept",
+        None,
+    ),
+    (
+        "dnsbl ipv6",
+        LISTS,
+        {"addr": "2600:3c00::66", "helo": "ukiah.firemountain.net"},
+        "rsk@gsp.org",
+        "reject",
+        "554 5.7.1",
+    ),
+    (
+        "rhsbl helo domain",
+        LISTS,
+        {"addr": "64.71.1.10", "helo": "mail.digitaljunction.com.au"},
+        "rsk@gsp.org",
+        "reject",
+        "554 5.7.1 Service unavailable; helo domain",
+    ),
+    (
+        "rhsbl client domain",
+        LISTS,
+        {"addr": "64.71.4.4", "helo": "[64.71.4.4]"},
+        "rsk@gsp.org",
+        "reject",
+        "554 5.7.1 Service unavailable; client host domain",
+    ),
+    (
+        "rhsbl sender domain",
+        LISTS,
+        GOOD,
+        "basicmark@victoriakasunic.com",
+        "reject",
+        "554 5.7.1 Service unavailable; sender domain",
+    ),
+    (
+        "dnswl skips every check",
+        ALLOW,
+        {"addr": "64.71.1.66", "helo": "localhost"},
+        "rsk@gsp.org",
+        "accept",
+        None,
+    ),
+    ("null mx", MXONLY, GOOD, f"x@nullmx.{MX}", "reject", "550 5.7.27"),
+    ("cname mx warns", MXONLY, GOOD, f"x@cnamemx.{MX}", "accept", None),
+    ("private mx", MXONLY, GOOD, f"x@privmx.{MX}", "reject", "550 5.1.8"),
+    ("mx without fcrdns warns", MXONLY, GOOD, "basicmark@victoriakasunic.com", "accept", None),
+    (
+        "mx without fcrdns, strict",
+        MXSTRICT,
+        GOOD,
+        "basicmark@victoriakasunic.com",
+        "reject",
+        "550 5.7.25",
+    ),
+    ("well-run sender domain", MXSTRICT, GOOD, "rsk@gsp.org", "accept", None),
+]
+
+
+@pytest.mark.parametrize(
+    ("label", "config", "client", "sender", "verdict", "reply"),
+    LIST_CASES,
+    ids=[c[0] for c in LIST_CASES],
+)
+def test_lists_and_sender_mx_through_the_mtas(
+    label: str,
+    config: dict[str, Any],
+    client: dict[str, str],
+    sender: str,
+    verdict: str,
+    reply: str | None,
+    start_milter: Any,
+    dns_server: DNSServer,
+    tmp_path: Path,
+) -> None:
+    from conftest import write_toml
+
+    cfg = write_toml(tmp_path / "dry.toml", config)
+    dry = run_cli(
+        "check",
+        "--json",
+        "--config",
+        str(cfg),
+        "--nameserver",
+        dns_server.nameserver,
+        "--ip",
+        client["addr"],
+        "--helo",
+        client["helo"],
+        "--from",
+        sender,
+        "--rcpt",
+        "postmaster@example.test",
+    ).json()
+    assert dry["verdict"] == verdict, (label, dry)
+    m = start_milter(config)
+    for kind in MTAS:
+        with mta(kind, m.socket) as server:
+            t = send(server, client, mail_from=sender)
+        assert _outcome(t) == verdict, (label, kind, t)
+        if reply:
+            mail = t.reply("MAIL")
+            assert mail is not None and f"{mail.code} {mail.text}".startswith(reply), (
+                label,
+                kind,
+                t,
+            )
+            assert dry["reply"].startswith(reply)
+
+
+@pytest.mark.parametrize(
+    ("on_timeout", "verdict"), [("ignore", "accept"), ("tempfail", "tempfail")]
+)
+def test_dnsbl_timeout_through_postfix(
+    on_timeout: str, verdict: str, start_milter: Any, dns_server: DNSServer
+) -> None:
+    dns_server.set_fault("bl.test", "drop")
+    config = {
+        "dns": {"timeout": 0.5, "budget": 2},
+        "rules": {**OFF, "dnsbl": {"zones": ["bl.test"], "on_timeout": on_timeout}},
+    }
+    m = start_milter(config)
+    with mta("postfix", m.socket) as server:
+        t = send(server, BOT, mail_from="rsk@gsp.org")
+    assert _outcome(t) == verdict, t
+    mail = t.reply("MAIL")
+    assert mail is not None and mail.code < 500, "a list that does not answer never gives a 5xx"
