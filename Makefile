@@ -62,7 +62,8 @@ venv: $(STAMP)
 # The embedded defaults, with the socket and state under the checkout.
 run: $(STAMP)
 	@mkdir -p var
-	$(BIN)/heloguard serve --socket unix:$(CURDIR)/var/heloguard.sock
+	$(BIN)/heloguard serve --socket unix:$(CURDIR)/var/heloguard.sock \
+		--greylist $(CURDIR)/var/greylist.sqlite
 
 lint: $(STAMP)
 	$(BIN)/ruff check milter rules tests bench

@@ -12,9 +12,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import cold_chain
 import generic_names
+import greylist_rate
 from common import ROOT, machine
 
-SECTIONS = [cold_chain, generic_names]
+SECTIONS = [cold_chain, generic_names, greylist_rate]
 
 
 def main() -> int:

@@ -197,6 +197,33 @@ class ExceptionsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class GreylistConfig:
+    """[greylist]: present means greylisting is on."""
+
+    database: str = "/var/lib/heloguard/greylist.sqlite"
+    delay: Duration = Duration(300.0)
+    retry_window: Duration = Duration(2 * 86400.0)
+    expire: Duration = Duration(35 * 86400.0)
+    auto_whitelist: int = 5  # passes before the whole client is whitelisted (0: never)
+    policy: Literal["suspicious", "all"] = "suspicious"
+    ipv4_mask: int = 24
+    ipv6_mask: int = 64
+    on_error: Literal["accept", "tempfail"] = "accept"
+    busy_timeout: Duration = Duration(2.0)
+    purge_interval: Duration = Duration(600.0)
+    purge_batch: int = 1000
+
+    def validate(self) -> None:
+        """Masks and durations that make sense."""
+        if not 8 <= self.ipv4_mask <= 32 or not 16 <= self.ipv6_mask <= 128:
+            raise ValueError("ipv4_mask must be 8..32 and ipv6_mask 16..128")
+        if self.retry_window <= self.delay:
+            raise ValueError("retry_window must be longer than delay")
+        if self.purge_batch < 1:
+            raise ValueError("purge_batch must be at least 1")
+
+
+@dataclass(frozen=True, slots=True)
 class RuleConfig:
     """[rules.NAME]: the action on failure and the rule's own options."""
 
@@ -213,6 +240,7 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     milter: MilterConfig = field(default_factory=MilterConfig)
     exceptions: ExceptionsConfig = field(default_factory=ExceptionsConfig)
+    greylist: GreylistConfig | None = None  # present in the file: greylisting on
     rules: Mapping[str, RuleConfig] = field(default_factory=dict)
     extra: Mapping[str, Any] = field(default_factory=dict)  # sections owned by later modules
     source: str = EMBEDDED
@@ -392,8 +420,8 @@ def from_mapping(data: Mapping[str, object], source: str = EMBEDDED) -> Config:
     try:
         sections: dict[str, Any] = {}
         for key in data:
-            if key != "rules" and key not in _SECTIONS:
-                known = ", ".join(sorted([*_SECTIONS, "rules"]))
+            if key not in ("rules", "greylist") and key not in _SECTIONS:
+                known = ", ".join(sorted([*_SECTIONS, "greylist", "rules"]))
                 raise ConfigError(key, f"unknown section (sections: {known})")
         for name, schema in _SECTIONS.items():
             table = data.get(name, {})
@@ -416,7 +444,14 @@ def from_mapping(data: Mapping[str, object], source: str = EMBEDDED) -> Config:
         rules = _build_rules(rules_table if isinstance(rules_table, Mapping) else {})
         _fill_helo_ours(rules, policy)
         _fill_rhsbl_sender(rules)
+        greylist = None
+        if "greylist" in data:
+            table = data["greylist"]
+            if not isinstance(table, Mapping):
+                raise ConfigError("greylist", "expected a table")
+            greylist = build_section(GreylistConfig, table, "greylist")
         return Config(
+            greylist=greylist,
             dns=dns_cfg,
             policy=policy,
             log=sections.pop("log"),

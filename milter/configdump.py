@@ -36,6 +36,8 @@ def dump(config: Config) -> str:
     lines = [f"# effective configuration from {config.source}"]
     for name in ("dns", "policy", "log", "milter", "exceptions"):
         lines += ["", *_table(name, getattr(config, name))]
+    if config.greylist is not None:
+        lines += ["", *_table("greylist", config.greylist)]
     for name, section in config.extra.items():
         lines += ["", *_table(name, section)]
     for name, rule in config.rules.items():

@@ -39,11 +39,13 @@ from typing import TYPE_CHECKING, Any
 
 import milter
 
-from heloguard.config import DEFAULT_PATH, Config, ConfigError, LogConfig, load
+from heloguard.config import DEFAULT_PATH, Config, ConfigError, GreylistConfig, LogConfig, load
+from heloguard.greylist import Greylist, StoreError, admin_key
 from heloguard.resolver import parse_nameserver
 
 if TYPE_CHECKING:
     from heloguard.adapter import RuntimeHolder
+    from heloguard.session import Runtime
 
 log = logging.getLogger("heloguard")
 
@@ -217,6 +219,10 @@ class ConfigWatcher(threading.Thread):
 
 
 def _overrides(config: Config, args: argparse.Namespace) -> Config:
+    grey_db = getattr(args, "greylist", None)
+    if grey_db:
+        base = config.greylist or GreylistConfig()
+        config = replace(config, greylist=replace(base, database=grey_db))
     if args.socket:
         config = replace(config, milter=replace(config.milter, socket=args.socket))
         config.milter.validate()
@@ -236,6 +242,7 @@ def serve(args: argparse.Namespace) -> int:
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # before any thread starts
     holder = RuntimeHolder(Runtime.build(config))
     HeloguardMilter.holder = holder
+    _start_greylist(holder.current)
     _bind(config, HeloguardMilter)
     warn_world_writable(config_path)
     drop_privileges(config.milter.user, config.milter.group)
@@ -280,11 +287,27 @@ def _apply(holder: RuntimeHolder, new: Config, args: argparse.Namespace) -> None
     old = holder.current
     resolver = old.resolver if new.dns == old.config.dns else None
     fresh = Runtime.build(new, resolver)
+    _start_greylist(fresh)
     holder.swap(fresh)
+    if old.greylist is not None:
+        old.greylist.close()
     if fresh.resolver is not old.resolver:
         # sessions still using the old resolver finish within one budget
         threading.Timer(old.wait + 5, old.resolver.close).start()
     setup_logging(new.log)
+
+
+def _start_greylist(runtime: Runtime) -> None:
+    """Open the greylist store now (a bad one is logged, not fatal) and start purging."""
+    grey = runtime.greylist
+    if grey is None:
+        return
+    try:
+        grey.connect().close()
+        log.info("greylisting with %s", grey.cfg.database)
+    except StoreError as exc:  # the message says it all
+        log.error("greylist database unusable (%s); on_error = %s", exc, grey.cfg.on_error)  # noqa: TRY400
+    grey.start_purger()
 
 
 def _bind(config: Config, klass: type) -> None:
@@ -333,6 +356,40 @@ def _version() -> str:
     return __version__
 
 
+def greylist_command(args: argparse.Namespace) -> int:
+    """``heloguard greylist list|stats|allow|delete|purge``."""
+    config = load(Path(args.config) if args.config else None)
+    cfg = config.greylist or GreylistConfig()
+    if args.database:
+        cfg = replace(cfg, database=args.database)
+    store = Greylist(cfg)
+    try:
+        command = args.greylist_command
+        if command == "stats":
+            for k, v in store.stats().items():
+                print(f"{k:18} {v}")
+        elif command == "list":
+            for client, sender, rcpt, _first, last, passed, attempts in store.rows():
+                state = "passed" if passed else "pending"
+                stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(int(str(last))))
+                print(f"{stamp}  {state:7}  {client}  <{sender}> -> <{rcpt}>  attempts={attempts}")
+        elif command == "purge":
+            print(f"purged {store.purge()} expired rows")
+        elif command == "allow":
+            key = admin_key(args.client, cfg)
+            store.allow(key)
+            print(f"allowed {key}")
+        elif command == "delete":
+            key = admin_key(args.client, cfg)
+            print(f"deleted {store.delete(key)} rows for {key}")
+    except StoreError as exc:
+        print(f"heloguard: greylist database error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        store.close()
+    return 0
+
+
 def reload_command(args: argparse.Namespace) -> int:
     """Validate the config file, then touch it so the running daemon reloads it."""
     path = Path(args.config) if args.config else DEFAULT_PATH
@@ -355,7 +412,29 @@ def add_commands(
     srv.add_argument(
         "--socket", metavar="SPEC", help="unix:/path or inet:PORT@HOST (overrides [milter] socket)"
     )
+    srv.add_argument(
+        "--greylist",
+        metavar="DB",
+        help="greylist with this SQLite file (overrides [greylist] database)",
+    )
     srv.set_defaults(func=serve)
+    grey = sub.add_parser(
+        "greylist", help="inspect and manage the greylist (works while the milter runs)"
+    )
+    grey.add_argument(
+        "--config", metavar="FILE", help="config file (default /etc/heloguard/heloguard.toml)"
+    )
+    grey.add_argument(
+        "--database", metavar="PATH", help="the SQLite file (overrides [greylist] database)"
+    )
+    gsub = grey.add_subparsers(dest="greylist_command", required=True)
+    gsub.add_parser("list", help="the most recent triplets").set_defaults(func=greylist_command)
+    gsub.add_parser("stats", help="counts").set_defaults(func=greylist_command)
+    gsub.add_parser("purge", help="delete expired rows now").set_defaults(func=greylist_command)
+    for verb, text in (("allow", "never greylist this client"), ("delete", "forget this client")):
+        p = gsub.add_parser(verb, help=text)
+        p.add_argument("client", metavar="ADDR|CIDR|DOMAIN")
+        p.set_defaults(func=greylist_command)
     rel = sub.add_parser("reload", help="validate the config file and make the daemon reload it")
     rel.add_argument(
         "--config", metavar="FILE", help="config file (default /etc/heloguard/heloguard.toml)"

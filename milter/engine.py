@@ -260,8 +260,12 @@ class Engine:
         evaluate_all: bool = False,
         only: Iterable[str] | None = None,
         budget: float | None = None,
+        reuse: Decision | None = None,
     ) -> Decision:
         """Evaluate phases in order; the first phase that does not accept decides.
+
+        ``reuse``: an earlier decision on the same client (the connect-time
+        prefetch) whose findings stand for the rules it evaluated.
 
         Each phase has its own time budget (``[dns] budget`` unless given).
         With ``evaluate_all`` every rule of every phase runs (the dry-run).
@@ -271,7 +275,7 @@ class Engine:
         answers: dict[Query, Answer] = {}
         deciding: Decision | None = None
         for stages in phases:
-            phase = await self._phase(ctx, dns, stages, evaluate_all, only, budget)
+            phase = await self._phase(ctx, dns, stages, evaluate_all, only, budget, reuse)
             reports.extend(phase.reports)
             for q, a in phase.answers.items():
                 answers.setdefault(q, a)
@@ -332,6 +336,7 @@ class Engine:
         evaluate_all: bool,
         only: Iterable[str] | None,
         budget: float | None,
+        reuse: Decision | None = None,
     ) -> Decision:
         wanted = set(stages)
         names = set(only) if only is not None else None
@@ -345,6 +350,8 @@ class Engine:
         stage = max(max(wanted, default=Stage.HELO), Stage.HELO)
         seconds = budget if budget is not None else self.config.dns.budget
         phase = _Phase(ctx, entries, evaluate_all, self.on_error)
+        if reuse is not None:
+            phase.adopt(reuse)
         await phase.run(dns, dns.now() + seconds)
         reports = phase.reports()
         for r in reports:
@@ -373,6 +380,17 @@ class _Phase:
         self.done: dict[str, RuleReport] = {}
         self.seen: dict[str, dict[Query, Answer]] = {e.rule.name: {} for e in entries}
         self.answers: dict[Query, Answer] = {}
+
+    def adopt(self, earlier: Decision) -> None:
+        """Take over the findings of an earlier decision on the same client."""
+        mine = {e.rule.name for e in self.entries}
+        for r in earlier.reports:
+            # a deferral is asked again: DNS may have recovered since connect
+            settled = r.result.outcome in (Outcome.PASS, Outcome.FAIL)
+            if r.rule in mine and not r.error and settled:
+                self.done[r.rule] = r
+                for a in r.lookups:
+                    self.answers.setdefault(a.query, a)
 
     def reports(self) -> list[RuleReport]:
         """Findings in evaluation order."""
@@ -440,6 +458,8 @@ class _Phase:
         live: dict[str, tuple[_Entry, Check, frozenset[Query]]] = {}
         for pure_first in (True, False):
             for e in self.entries:
+                if e.rule.name in self.done:
+                    continue
                 if (e.rule.cost == 0) == pure_first and not self.rejected():
                     started = self.start(e)
                     if started is not None:

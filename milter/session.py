@@ -43,6 +43,7 @@ from heloguard.answers import IPAddress, Query
 from heloguard.config import Config, Mode
 from heloguard.engine import Decision, Engine, LiveDns, Verdict
 from heloguard.gate import Gate
+from heloguard.greylist import Greylist, client_key, greylist_reply, suspicious
 from heloguard.logfmt import escape, printable
 from heloguard.names import parse_address, parse_helo, reverse_name
 from heloguard.resolver import Resolver
@@ -87,13 +88,17 @@ class Runtime:
     engine: Engine
     resolver: Resolver
     gate: Gate
+    greylist: Greylist | None = None
 
     @classmethod
     def build(cls, config: Config, resolver: Resolver | None = None) -> Runtime:
         """Build the runtime for a configuration (a new resolver unless given)."""
         res = resolver or Resolver(config.dns.resolver_settings()).start()
         engine = Engine(config, on_error=config.milter.failure_policy)
-        return cls(config=config, engine=engine, resolver=res, gate=Gate.from_config(config))
+        grey = Greylist(config.greylist) if config.greylist is not None else None
+        return cls(
+            config=config, engine=engine, resolver=res, gate=Gate.from_config(config), greylist=grey
+        )
 
     @property
     def wait(self) -> float:
@@ -110,12 +115,14 @@ class Session:
     skip: str = ""
     helo_raw: str | None = None
     helo_decision: Decision | None = None
+    mail_decision: Decision | None = None
     pending: Decision | None = None  # a verdict kept for the first RCPT
     pending_stage: str = ""
     auth: str = ""
     sender: str | None = None
     recipients: list[str] = field(default_factory=list)
     prefetch: concurrent.futures.Future[Decision] | None = None
+    grey_key: str = ""
 
     # -- events -----------------------------------------------------------
 
@@ -173,7 +180,8 @@ class Session:
                 return step
         if self.pending is not None or not self.rt.engine.rules_for([Stage.MAIL]):
             return CONTINUE
-        return self._verdict(self._decide([[Stage.MAIL]]), "MAIL")
+        self.mail_decision = self._decide([[Stage.MAIL]])
+        return self._verdict(self.mail_decision, "MAIL")
 
     def rcpt(self, recipient: str) -> Step:
         """RCPT TO: answer a kept verdict, or judge the recipient stage."""
@@ -182,13 +190,44 @@ class Session:
             return CONTINUE
         if self.pending is not None:
             return self._refuse(self.pending, "RCPT")
-        if not self.rt.engine.rules_for([Stage.RCPT]):
-            return CONTINUE
-        decision = self._decide([[Stage.RCPT]])
-        if decision.verdict is Verdict.ACCEPT:
+        if self.rt.engine.rules_for([Stage.RCPT]):
+            decision = self._decide([[Stage.RCPT]])
+            if decision.verdict is not Verdict.ACCEPT:
+                return self._refuse(decision, "RCPT")
             self._log_accept(decision, "RCPT")
+        return self._greylist(recipient)
+
+    def _greylist(self, recipient: str) -> Step:
+        """Greylisting, for the clients the policy aims at."""
+        grey = self.rt.greylist
+        if grey is None or self.client is None or self.rt.config.greylist is None:
             return CONTINUE
-        return self._refuse(decision, "RCPT")
+        cfg = self.rt.config.greylist
+        suspicion = suspicious(self.helo_decision, self.mail_decision)
+        if cfg.policy == "suspicious" and not suspicion:
+            return CONTINUE
+        if not self.grey_key:  # once per session: it classifies the client's name
+            verified = (
+                tuple(self.helo_decision.facts("verified") or ()) if self.helo_decision else ()
+            )
+            self.grey_key = client_key(self.client, verified, cfg)
+        key = self.grey_key
+        outcome = grey.check(key, self.sender or "", recipient)
+        detail = f"{outcome.reason}; key={key}" + (f"; {suspicion}" if suspicion else "")
+        if outcome.passed:
+            if outcome.reason.startswith("retried") or outcome.error:
+                self._log(
+                    "pass",
+                    "RCPT",
+                    None,
+                    f"greylist: {detail}",
+                    spared=True,
+                    name_from=self.helo_decision,
+                )
+            return CONTINUE
+        reply = greylist_reply(outcome, cfg.delay)
+        self._log("greylist", "RCPT", None, f"{reply}; {detail}", name_from=self.helo_decision)
+        return Step(Act.TEMPFAIL, reply)
 
     def abort(self) -> None:
         """The current message was aborted (RSET): forget its envelope."""
@@ -208,7 +247,13 @@ class Session:
         return Context(client=self.client, helo=helo, sender=self.sender)
 
     def _decide(self, phases: list[list[Stage]]) -> Decision:
-        coro = self.rt.engine.decide(self._context(), LiveDns(self.rt.resolver), phases)
+        reuse = None
+        pre = self.prefetch
+        if pre is not None and pre.done() and not pre.cancelled() and pre.exception() is None:
+            reuse = pre.result()  # the connect-stage findings, made while the client said hello
+        coro = self.rt.engine.decide(
+            self._context(), LiveDns(self.rt.resolver), phases, reuse=reuse
+        )
         return self.rt.resolver.run(coro, timeout=self.rt.wait)
 
     def _verified(self, decision: Decision) -> tuple[str, ...]:
@@ -280,13 +325,14 @@ class Session:
         *,
         spared: bool = False,
         warned: list[str] | None = None,
+        name_from: Decision | None = None,
     ) -> None:
         level = logging.INFO
         if what == "skip" or (what == "pass" and not spared):
             level = logging.DEBUG if not self.rt.config.log.passes else logging.INFO
         if not log.isEnabledFor(level):
             return
-        name = escape(self._ptr_name(decision), 255)
+        name = escape(self._ptr_name(decision or name_from), 255)
         addr = str(self.client) if self.client is not None else "unknown"
         parts = [
             f"{what}: {stage} from {name}[{addr}]: {printable(detail, 600) if detail else 'ok'};"

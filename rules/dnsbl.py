@@ -111,7 +111,7 @@ def check_dnsbl(ctx: Context, opts: Options) -> Check:
             )
             return _with(tempfailed(reply, f"{names} did not answer", notes=notes), alerts)
     why = f"score {score} below threshold {opts.threshold}" if hits else "not listed"
-    return _with(passed(why, notes=notes), alerts)
+    return _with(passed(why, notes=notes, listed=bool(hits)), alerts)
 
 
 def check_dnswl(ctx: Context, opts: Options) -> Check:

@@ -334,3 +334,57 @@ def test_syslog_missing_falls_back_to_stderr(start_milter: Any, tmp_path: Path) 
     m.wait_for("syslog unavailable")
     run_session(m.socket, **BOT)
     m.wait_for("reject: HELO")
+
+
+def greylist_config(tmp_path: Path, policy: str = "all", **extra: Any) -> dict[str, Any]:
+    return {
+        "greylist": {
+            "database": str(tmp_path / "grey.sqlite"),
+            "delay": "1s",
+            "policy": policy,
+            **extra,
+        }
+    }
+
+
+def test_greylist_first_attempt_then_retry(start_milter: Any, tmp_path: Path) -> None:
+    m = start_milter(greylist_config(tmp_path))
+    first = run_session(m.socket, **GOOD)
+    assert first.rcpt is not None and first.rcpt.smtp_code == 451
+    assert first.rcpt.text.startswith("451 4.7.1 Greylisted: please try again in 1 seconds")
+    early = run_session(m.socket, **GOOD)
+    assert early.rcpt is not None and early.rcpt.smtp_code == 451
+    time.sleep(1.2)
+    retry = run_session(m.socket, **GOOD)
+    assert retry.rcpt is not None and retry.rcpt.code == "c", retry
+    log = m.wait_for("greylist: retried after")
+    assert "greylist: RCPT from ukiah.firemountain.net[64.71.1.10]: 451 4.7.1" in log
+    assert "key=domain:firemountain.net" in log
+
+
+def test_greylist_suspicious_only_spares_clean_clients(start_milter: Any, tmp_path: Path) -> None:
+    m = start_milter(greylist_config(tmp_path, policy="suspicious"))
+    clean = run_session(m.socket, **GOOD, sender="rsk@gsp.org")
+    assert clean.refusal() is None, "a clean client is not greylisted"
+    flagged = run_session(m.socket, **GOOD, sender="basicmark@victoriakasunic.com")
+    assert flagged.rcpt is not None and flagged.rcpt.smtp_code == 451, flagged
+    m.wait_for("suspicious: sender_mx")
+
+
+def test_greylist_never_for_exempt_clients(start_milter: Any, tmp_path: Path) -> None:
+    m = start_milter(
+        {**greylist_config(tmp_path), "milter": {"trusted_networks": ["64.71.1.0/24"]}}
+    )
+    assert run_session(m.socket, **GOOD).refusal() is None
+    m2 = start_milter({**greylist_config(tmp_path / "b"), "milter": {"reject_stage": "rcpt"}})
+    assert run_session(m2.socket, **GOOD, auth="someone").refusal() is None
+
+
+def test_greylist_corrupt_database_keeps_serving(start_milter: Any, tmp_path: Path) -> None:
+    db = tmp_path / "grey.sqlite"
+    db.write_bytes(b"garbage" * 1000)
+    m = start_milter(greylist_config(tmp_path))
+    m.wait_for("greylist database unusable")
+    r = run_session(m.socket, **GOOD)
+    assert r.refusal() is None, "on_error = accept: mail flows without greylisting"
+    assert db.read_bytes() == b"garbage" * 1000

@@ -17,6 +17,7 @@ from __future__ import annotations
 import re
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -472,3 +473,18 @@ def test_dnsbl_timeout_through_postfix(
     assert _outcome(t) == verdict, t
     mail = t.reply("MAIL")
     assert mail is not None and mail.code < 500, "a list that does not answer never gives a 5xx"
+
+
+def test_greylist_through_postfix(start_milter: Any, tmp_path: Path) -> None:
+    config = {
+        "greylist": {"database": str(tmp_path / "grey.sqlite"), "delay": "2s", "policy": "all"}
+    }
+    m = start_milter(config)
+    with mta("postfix", m.socket) as server:
+        first = send(server, GOOD, mail_from="rsk@gsp.org")
+        rcpt = first.reply("RCPT")
+        assert rcpt is not None and rcpt.code == 451 and "Greylisted" in rcpt.text, first
+        assert not first.reached_data
+        time.sleep(2.2)
+        retry = send(server, GOOD, mail_from="rsk@gsp.org")
+    assert retry.delivered, retry

@@ -1,0 +1,200 @@
+"""Greylist decisions per second with 1,000,000 rows in the table, and bytes per row.
+
+1. A database is filled with 1,000,000 triplets (one transaction, bulk).
+2. Bytes per row: the file size after a WAL checkpoint, over the rows.
+3. The store alone: Greylist.check() from 4 threads (as libmilter's workers
+   call it), a mix of known and new triplets, for a few seconds.
+4. Through the milter: ``heloguard serve`` with that database and
+   ``policy = "all"``, driven over the milter protocol by 8 concurrent
+   sessions, each of 10 recipients (10 greylist decisions a session), with
+   the DNS answers cached after the first session.
+Target: at least 2,000 decisions per second on this 2-core machine.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import ROOT, TESTS
+from miltertest import MilterClient
+
+from heloguard.config import Duration, GreylistConfig
+from heloguard.greylist import SCHEMA_VERSION, Greylist
+
+from dnsserver import DNSServer
+
+ROWS = 1_000_000
+SECONDS = 4.0
+
+
+def fill(path: Path, rows: int) -> float:
+    """Create the database with ``rows`` triplets; returns seconds taken."""
+    Greylist(GreylistConfig(database=str(path))).connect().close()
+    conn = sqlite3.connect(path, isolation_level=None)
+    started = time.perf_counter()
+    now = int(time.time())
+    conn.execute("BEGIN")
+    conn.executemany(
+        "INSERT INTO triplets (client, sender, rcpt, first_seen, last_seen, passed_at, attempts) "
+        "VALUES (?,?,?,?,?,?,?)",
+        (
+            (
+                f"net:10.{i % 250}.{(i // 250) % 250}.0/24",
+                f"sender{i % 5000}@example{i % 997}.org",
+                f"user{i}@example.test",
+                now - 3600,
+                now - 60,
+                now - 60 if i % 3 else None,
+                2,
+            )
+            for i in range(rows)
+        ),
+    )
+    conn.execute("COMMIT")
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    conn.close()
+    return time.perf_counter() - started
+
+
+def store_rate(path: Path, threads: int = 4) -> float:
+    """Decisions per second of Greylist.check() alone."""
+    g = Greylist(GreylistConfig(database=str(path), delay=Duration(1.0)))
+    stop = time.monotonic() + SECONDS
+    counts = [0] * threads
+
+    def work(n: int) -> None:
+        rnd = random.Random(n)
+        while time.monotonic() < stop:
+            i = rnd.randrange(ROWS * 2)  # half known triplets, half new ones
+            g.check(
+                f"net:10.{i % 250}.{(i // 250) % 250}.0/24",
+                f"sender{i % 5000}@example{i % 997}.org",
+                f"user{i}@example.test",
+            )
+            counts[n] += 1
+        g.close()
+
+    workers = [threading.Thread(target=work, args=(n,)) for n in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    return sum(counts) / SECONDS
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def milter_rate(path: Path, sessions: int = 8, rcpts: int = 10) -> tuple[float, int, float]:
+    """Decisions per second through heloguard serve: (rate, errors, daemon CPU per decision)."""
+    work = Path(tempfile.mkdtemp(prefix="hg-bench-grey-"))
+    with DNSServer(TESTS / "zones") as dns:
+        cfg = work / "heloguard.toml"
+        cfg.write_text(
+            f'[dns]\nnameservers = ["{dns.nameserver}"]\n'
+            f'[milter]\nsocket = "unix:{work}/m.sock"\n'
+            f'[log]\npasses = false\nlevel = "warning"\n'
+            f'[greylist]\ndatabase = "{path}"\npolicy = "all"\n'
+        )
+        env = dict(os.environ, PYTHONSAFEPATH="1")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "heloguard.cli", "serve", "--config", str(cfg)],
+            stderr=subprocess.PIPE,
+            env=env,
+            cwd=ROOT,
+            text=True,
+        )
+        try:
+            while not (work / "m.sock").exists():
+                time.sleep(0.05)
+            time.sleep(0.3)
+            decisions, errors = [0] * sessions, [0] * sessions
+            cpu0 = cpu_seconds(proc.pid)
+            stop = time.monotonic() + SECONDS
+
+            def run(n: int) -> None:
+                i = 0
+                while time.monotonic() < stop:
+                    try:
+                        with MilterClient(f"unix:{work}/m.sock") as c:
+                            c.negotiate()
+                            c.connect("64.71.1.10", macros={"{daemon_name}": "mx"})
+                            c.helo("ukiah.firemountain.net")
+                            c.mail("rsk@gsp.org", macros={"{auth_authen}": ""})
+                            for _ in range(rcpts):
+                                r = c.rcpt(f"bench{n}x{i}@example.test")
+                                i += 1
+                                if r is not None and r.code in ("y", "t", "c"):
+                                    decisions[n] += 1
+                            c.quit()
+                    except OSError:
+                        errors[n] += 1
+
+            threads = [threading.Thread(target=run, args=(n,)) for n in range(sessions)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            cpu = cpu_seconds(proc.pid) - cpu0
+            total = sum(decisions)
+            return total / SECONDS, sum(errors), cpu / max(total, 1)
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+
+
+def run() -> str:
+    """Run and return the markdown section."""
+    folder = Path(tempfile.mkdtemp(prefix="hg-bench-grey-db-"))
+    db = folder / "grey.sqlite"
+    fill_s = fill(db, ROWS)
+    size = db.stat().st_size
+    direct = store_rate(db)
+    through, errors, per = milter_rate(db)
+    return "\n".join(
+        [
+            "## Greylisting with 1,000,000 rows (`bench/greylist_rate.py`)",
+            "",
+            "Target: at least 2,000 greylist decisions per second on this 2-core machine.",
+            "",
+            "| measure | figure |",
+            "|---|---|",
+            f"| rows in the table | {ROWS:,} (filled in {fill_s:.1f} s) |",
+            f"| database size | {size / 1e6:.1f} MB, {size / ROWS:.0f} bytes per row "
+            "(keys and index included) |",
+            f"| Greylist.check() alone, 4 threads | {direct:,.0f} decisions/s |",
+            "| through heloguard serve (milter protocol, 8 sessions x 10 RCPT) "
+            f"| {through:,.0f} decisions/s ({errors} connection errors) |",
+            f"| heloguard's own CPU per decision through the milter | {per * 1e6:.0f} us "
+            f"(so one core sustains about {1 / per:,.0f} decisions/s) |",
+            "",
+            "The load generator (Python, in the same 2-core machine) competes with the daemon for",
+            "the CPU, so the end-to-end figure is a floor; the CPU per decision is what the daemon",
+            "itself needs.  Most of it is the per-session work (the HELO and MAIL phases) spread",
+            "over the session's recipients; the store itself takes about a tenth.  Profiling",
+            "(cProfile on the session path) led to two changes: the greylist key is computed once",
+            "per session instead of once per recipient (it classifies the client's name), and the",
+            "HELO phase adopts the connect-time prefetch's findings instead of evaluating the",
+            "connect-stage rules twice: 5.4 ms -> 3.6 ms of CPU per 10-recipient session",
+            "in-process.",
+        ]
+    )
+
+
+if __name__ == "__main__":
+    print(run())
