@@ -34,10 +34,16 @@ with every attacker-controlled string escaped.
 from __future__ import annotations
 
 import concurrent.futures
+import copy
 import logging
+import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
+
+from cachetools import TLRUCache
 
 from heloguard.answers import IPAddress, Query
 from heloguard.config import Config, Mode
@@ -80,6 +86,51 @@ CONTINUE = Step(Act.CONTINUE)
 ACCEPT = Step(Act.ACCEPT)
 
 
+class DecisionCache:
+    """Recent phase decisions per client, for repeat sessions (bots retrying,
+    servers sending many messages).
+
+    The same DNS facts always give the same verdict, and the resolver answers
+    the same within a TTL; so a decision is kept for the smallest TTL among
+    the answers it used (at most ``MAX_AGE`` seconds), and only a settled one:
+    no TEMP answer, no deferral, no internal error.  Bounded in size; a
+    reload builds a new runtime and so an empty cache.
+    """
+
+    MAX_AGE = 60.0
+    SIZE = 4096
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._lock = threading.Lock()
+        self._cache: TLRUCache[tuple[object, ...], tuple[Decision, float]] = TLRUCache(
+            maxsize=self.SIZE, ttu=lambda _k, v, _now: v[1], timer=clock
+        )
+        self._clock = clock
+        self.hits = 0
+
+    def get(self, key: tuple[object, ...]) -> Decision | None:
+        """A copy of a cached decision, or None."""
+        with self._lock:
+            found = self._cache.get(key)
+            if found is None:
+                return None
+            self.hits += 1
+        return copy.copy(found[0])
+
+    def put(self, key: tuple[object, ...], decision: Decision) -> None:
+        """Keep a settled decision for the smallest TTL it rests on."""
+        if decision.verdict is Verdict.TEMPFAIL or any(r.error for r in decision.reports):
+            return
+        if any(a.temp for a in decision.answers.values()):
+            return
+        ttls = [a.ttl for a in decision.answers.values()]
+        age = min([self.MAX_AGE, *ttls])
+        if age <= 0:
+            return
+        with self._lock:
+            self._cache[key] = (copy.copy(decision), self._clock() + age)
+
+
 @dataclass(slots=True)
 class Runtime:
     """What every session of one configuration shares; replaced whole on reload."""
@@ -89,6 +140,7 @@ class Runtime:
     resolver: Resolver
     gate: Gate
     greylist: Greylist | None = None
+    decisions: DecisionCache = field(default_factory=DecisionCache)
 
     @classmethod
     def build(cls, config: Config, resolver: Resolver | None = None) -> Runtime:
@@ -136,6 +188,8 @@ class Session:
         if self.client is None:  # skip_reason covers it; keeps the type checker honest
             return CONTINUE
         ctx = Context(client=self.client)
+        if self.rt.decisions.get(self._key([[Stage.CONNECT, Stage.HELO]])) is not None:
+            return CONTINUE  # a recent identical decision: nothing to fetch
         self.prefetch = self.rt.resolver.submit(
             self.rt.engine.decide(
                 ctx, LiveDns(self.rt.resolver), [[Stage.CONNECT]], evaluate_all=True
@@ -246,7 +300,22 @@ class Session:
         helo = parse_helo(self.helo_raw) if self.helo_raw is not None else None
         return Context(client=self.client, helo=helo, sender=self.sender)
 
+    def _key(self, phases: list[list[Stage]]) -> tuple[object, ...]:
+        stages = tuple(s for p in phases for s in p)
+        sender = self.sender if Stage.MAIL in stages or Stage.RCPT in stages else None
+        helo = self.helo_raw if Stage.HELO in stages else None
+        return (stages, str(self.client), helo, sender)
+
     def _decide(self, phases: list[list[Stage]]) -> Decision:
+        key = self._key(phases)
+        cached = self.rt.decisions.get(key)
+        if cached is not None:
+            return cached
+        decision = self._evaluate(phases)
+        self.rt.decisions.put(key, decision)
+        return decision
+
+    def _evaluate(self, phases: list[list[Stage]]) -> Decision:
         reuse = None
         pre = self.prefetch
         if pre is not None and pre.done() and not pre.cancelled() and pre.exception() is None:

@@ -1,0 +1,100 @@
+"""The session state machine without an MTA, and its decision cache."""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from heloguard.answers import Answer, Query, Status
+from heloguard.config import from_mapping
+from heloguard.engine import Decision, Verdict
+from heloguard.greylist import client_key
+from heloguard.rules.base import Stage
+from heloguard.session import Act, DecisionCache, Runtime, Session
+
+from dnsserver import DNSServer
+
+pytestmark = pytest.mark.integration
+
+
+def runtime(dns_server: DNSServer, **extra: Any) -> Runtime:
+    return Runtime.build(
+        from_mapping({"dns": {"nameservers": [dns_server.nameserver], "timeout": 1}, **extra})
+    )
+
+
+def session(rt: Runtime, ip: str, helo: str) -> tuple[Session, Act]:
+    s = Session(rt)
+    s.connect(ip, "mx")
+    return s, s.helo(helo).act
+
+
+def test_repeat_sessions_reuse_a_settled_decision(dns_server: DNSServer) -> None:
+    rt = runtime(dns_server)
+    try:
+        _, first = session(rt, "103.245.153.249", "mail.digitaljunction.com.au")
+        asked = len(dns_server.queries())
+        _, second = session(rt, "103.245.153.249", "mail.digitaljunction.com.au")
+        assert first is second is Act.REJECT
+        assert rt.decisions.hits >= 1
+        assert len(dns_server.queries()) == asked, "a cached decision asks nothing"
+        _, other = session(rt, "103.245.153.249", "other.example.net")
+        assert other is Act.REJECT  # another HELO is another decision
+    finally:
+        rt.resolver.close()
+
+
+def test_deferrals_are_never_cached(dns_server: DNSServer) -> None:
+    dns_server.set_fault("153.245.103.in-addr.arpa", "servfail")
+    rt = runtime(dns_server)
+    try:
+        _, first = session(rt, "103.245.153.249", "mail.digitaljunction.com.au")
+        assert first is Act.TEMPFAIL
+        dns_server.clear_faults()
+        rt.resolver._cache.clear()  # as if temp_ttl had run out
+        _, second = session(rt, "103.245.153.249", "mail.digitaljunction.com.au")
+        assert second is Act.REJECT, "DNS recovered: the client is judged afresh"
+        assert rt.decisions.hits == 0
+    finally:
+        rt.resolver.close()
+
+
+def test_cache_lives_no_longer_than_the_smallest_ttl() -> None:
+    now = [100.0]
+    cache = DecisionCache(clock=lambda: now[0])
+    d = Decision(
+        Verdict.ACCEPT, Stage.HELO, None, None, from_mapping({}).policy.mode, Verdict.ACCEPT, None
+    )
+    d.answers = {
+        Query.of("x.example", "A"): Answer(
+            Query.of("x.example", "A"), Status.OK, ("192.0.2.1",), ttl=20
+        )
+    }
+    cache.put(("k",), d)
+    now[0] += 19
+    assert cache.get(("k",)) is not None
+    now[0] += 2
+    assert cache.get(("k",)) is None
+    d.answers = {Query.of("x.example", "A"): Answer(Query.of("x.example", "A"), Status.TEMP)}
+    cache.put(("t",), d)
+    assert cache.get(("t",)) is None, "a decision that saw a TEMP answer is not kept"
+
+
+def test_pool_sender_retry_from_another_address_passes(
+    dns_server: DNSServer, tmp_path: Path
+) -> None:
+    """The first attempt comes from one address of a verified domain, the retry from another."""
+    from heloguard.config import GreylistConfig
+    from heloguard.greylist import Greylist
+
+    now = [1_700_000_000.0]
+    cfg = GreylistConfig(database=str(tmp_path / "g.sqlite"))
+    g = Greylist(cfg, clock=lambda: now[0])
+    first_key = client_key(ipaddress.ip_address("64.71.1.10"), ("ukiah.firemountain.net",), cfg)
+    retry_key = client_key(ipaddress.ip_address("64.71.1.11"), ("taos.firemountain.net",), cfg)
+    assert not g.check(first_key, "news@firemountain.net", "bob@example.test").passed
+    now[0] += 600
+    assert g.check(retry_key, "news@firemountain.net", "bob@example.test").passed
