@@ -41,7 +41,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
 
 from cachetools import TLRUCache
 
@@ -451,8 +450,3 @@ def _evidence(decision: Decision, rule: str | None) -> str:
         items.append(item)
     text = ",".join(items) or escape(report.result.reason, 300)
     return text if len(text) <= 600 else text[:597] + "..."
-
-
-def new_session(rt: Runtime, **kw: Any) -> Session:
-    """A session bound to the runtime current at connect time."""
-    return Session(rt, **kw)

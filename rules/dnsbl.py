@@ -34,9 +34,10 @@ from dataclasses import dataclass, replace
 from typing import Literal
 
 from heloguard.answers import Query
-from heloguard.lists import ZoneSpec, ip_query_name, parse_zone, read
+from heloguard.lists import Reading, ZoneSpec, ip_query_name, parse_zone, read
 from heloguard.logfmt import for_reply
 from heloguard.rules.base import (
+    Answers,
     Check,
     Context,
     Reply,
@@ -73,45 +74,77 @@ class Options:
         return tuple(parse_zone(z) for z in self.zones)
 
 
-def check_dnsbl(ctx: Context, opts: Options) -> Check:
-    """Fail if the client's listings reach the threshold."""
-    specs = opts.specs
-    if not specs:
-        return skipped("no DNSBL zone configured")
-    queries = [Query.of(ip_query_name(ctx.client, s.zone), "A") for s in specs]
-    txts = [Query.of(q.name, "TXT") for q in queries] if opts.txt else []
-    answers = yield from ask(*queries, *txts)
-    score, hits, timeouts = 0, [], []
+# (what is asked about, for the reply: "client [192.0.2.1]"; the subject, for
+# the misconfiguration reports; the zone; the question)
+Asked = list[tuple[str, str, ZoneSpec, Query]]
+
+
+def judge_lists(asked: Asked, answers: Answers, opts: Options, temp_text: str) -> Result:
+    """Score the listings of several zones against the threshold (dnsbl and rhsbl).
+
+    A listing that reaches the threshold is certain, whatever other zones did;
+    a zone that did not answer counts as not listed, or defers when
+    ``on_timeout = "tempfail"`` and it could have reached the threshold.
+    """
+    score, timeouts = 0, []
+    hits: list[tuple[str, ZoneSpec, Query, Reading]] = []
     alerts: list[str] = []
-    for spec, q in zip(specs, queries, strict=True):
-        reading = read(answers[q], spec, str(ctx.client))
+    for what, subject, spec, q in asked:
+        reading = read(answers[q], spec, subject)
         alerts += reading.errors
         if reading.temp:
             timeouts.append(spec)
         elif reading.listed:
             score += spec.weight
-            hits.append((spec, q, reading))
+            hits.append((what, spec, q, reading))
     notes = tuple(f"{s.display} did not answer: counted as not listed" for s in timeouts)
     if hits and score >= opts.threshold:
-        spec, q, reading = hits[0]
-        text = f"Service unavailable; client [{ctx.client}] blocked using {spec.display}"
-        if opts.txt:
-            txt = answers[Query.of(q.name, "TXT")]
-            if txt.ok and txt.records:
-                text += f"; {for_reply(txt.records[0], 200)}"
-        listed = ", ".join(f"{s.display}={','.join(map(str, r.listed))}" for s, _, r in hits)
+        what, spec, q, _ = hits[0]
+        text = f"Service unavailable; {what} blocked using {spec.display}"
+        txt = answers.get(Query.of(q.name, "TXT")) if opts.txt else None
+        if txt is not None and txt.ok and txt.records:
+            text += f"; {for_reply(txt.records[0], 200)}"
+        listed = ", ".join(
+            f"{w} on {s.display}={','.join(map(str, r.listed))}" for w, s, _, r in hits
+        )
         result = failed(Reply(554, "5.7.1", text), f"listed (score {score}): {listed}", notes=notes)
-        return _with(result, alerts, certain=True)
-    if timeouts and opts.on_timeout == "tempfail":
-        possible = score + sum(s.weight for s in timeouts)
-        if possible >= opts.threshold:
-            names = ", ".join(s.display for s in timeouts)
-            reply = Reply(
-                451, "4.7.1", f"Client host [{ctx.client}]: DNS list lookup failed; try again later"
-            )
-            return _with(tempfailed(reply, f"{names} did not answer", notes=notes), alerts)
+        return replace(result, alerts=tuple(alerts), certain=True)
+    if (
+        timeouts
+        and opts.on_timeout == "tempfail"
+        and score + sum(s.weight for s in timeouts) >= opts.threshold
+    ):
+        names = ", ".join(s.display for s in timeouts)
+        deferred = tempfailed(
+            Reply(451, "4.7.1", temp_text), f"{names} did not answer", notes=notes
+        )
+        return replace(deferred, alerts=tuple(alerts))
     why = f"score {score} below threshold {opts.threshold}" if hits else "not listed"
-    return _with(passed(why, notes=notes, listed=bool(hits)), alerts)
+    return replace(passed(why, notes=notes, listed=bool(hits)), alerts=tuple(alerts))
+
+
+def _ip_query(ctx: Context, spec: ZoneSpec) -> Query:
+    return Query.of(ip_query_name(ctx.client, spec.zone), "A")
+
+
+def check_dnsbl(ctx: Context, opts: Options) -> Check:
+    """Fail if the client's listings reach the threshold."""
+    specs = opts.specs
+    if not specs:
+        return skipped("no DNSBL zone configured")
+    asked = [
+        (
+            f"client [{ctx.client}]",
+            str(ctx.client),
+            s,
+            Query.of(ip_query_name(ctx.client, s.zone), "A"),
+        )
+        for s in specs
+    ]
+    txts = [Query.of(q.name, "TXT") for *_, q in asked] if opts.txt else []
+    answers = yield from ask(*(q for *_, q in asked), *txts)
+    temp = f"Client host [{ctx.client}]: DNS list lookup failed; try again later"
+    return judge_lists(asked, answers, opts, temp)
 
 
 def check_dnswl(ctx: Context, opts: Options) -> Check:

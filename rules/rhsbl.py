@@ -24,10 +24,9 @@ Options:  zones, threshold, on_timeout, txt (as dnsbl).
 from __future__ import annotations
 
 from collections.abc import Generator
-from dataclasses import replace
 
 from heloguard.answers import Query
-from heloguard.lists import ZoneSpec, read
+from heloguard.lists import ZoneSpec
 from heloguard.logfmt import for_reply
 from heloguard.names import registered_domain, to_ascii
 from heloguard.rules.base import (
@@ -35,28 +34,25 @@ from heloguard.rules.base import (
     Batch,
     Check,
     Context,
-    Reply,
-    Result,
     Rule,
     Stage,
     ask,
     both,
-    failed,
-    passed,
     skipped,
-    tempfailed,
 )
-from heloguard.rules.dnsbl import Options
+from heloguard.rules.dnsbl import Asked, Options, judge_lists
 from heloguard.rules.lookups import client_names
-
-Asked = list[tuple[str, str, ZoneSpec, Query]]  # (what, domain, zone, question)
 
 
 def _ask_lists(
     domains: list[tuple[str, str]], specs: tuple[ZoneSpec, ...], txt: bool
 ) -> Generator[Batch, Answers, tuple[Asked, Answers]]:
     """Ask every zone about every (what, domain): the questions and their answers."""
-    asked = [(what, d, s, Query.of(f"{d}.{s.zone}", "A")) for what, d in domains for s in specs]
+    asked = [
+        (f"{what} <{for_reply(d)}>", d, s, Query.of(f"{d}.{s.zone}", "A"))
+        for what, d in domains
+        for s in specs
+    ]
     extra = [Query.of(q.name, "TXT") for *_, q in asked] if txt else []
     if not asked:
         return [], {}
@@ -64,39 +60,7 @@ def _ask_lists(
     return asked, answers
 
 
-def _judge(asked: Asked, answers: Answers, opts: Options) -> Result:
-    score, hits, timeouts = 0, [], []
-    alerts: list[str] = []
-    for what, domain, spec, q in asked:
-        reading = read(answers[q], spec, domain)
-        alerts += reading.errors
-        if reading.temp:
-            timeouts.append(spec)
-        elif reading.listed:
-            score += spec.weight
-            hits.append((what, domain, spec, q, reading))
-    notes = tuple(f"{s.display} did not answer: counted as not listed" for s in timeouts)
-    if hits and score >= opts.threshold:
-        what, domain, spec, q, reading = hits[0]
-        text = f"Service unavailable; {what} <{for_reply(domain)}> blocked using {spec.display}"
-        if opts.txt:
-            txt = answers.get(Query.of(q.name, "TXT"))
-            if txt is not None and txt.ok and txt.records:
-                text += f"; {for_reply(txt.records[0], 200)}"
-        listed = ", ".join(f"{d} on {s.display}" for _, d, s, _, _ in hits)
-        result = failed(Reply(554, "5.7.1", text), f"listed (score {score}): {listed}", notes=notes)
-        return replace(result, alerts=tuple(alerts), certain=True)
-    if (
-        timeouts
-        and opts.on_timeout == "tempfail"
-        and score + sum(s.weight for s in timeouts) >= opts.threshold
-    ):
-        reply = Reply(451, "4.7.1", "DNS list lookup failed; try again later")
-        return replace(
-            tempfailed(reply, "a list did not answer", notes=notes), alerts=tuple(alerts)
-        )
-    why = f"score {score} below threshold {opts.threshold}" if hits else "not listed"
-    return replace(passed(why, notes=notes), alerts=tuple(alerts))
+TEMP_TEXT = "DNS list lookup failed; try again later"
 
 
 def check_domains(ctx: Context, opts: Options) -> Check:
@@ -118,7 +82,7 @@ def check_domains(ctx: Context, opts: Options) -> Check:
     ptr_ask, ptr_answers = yield from _ask_lists(wanted, specs, opts.txt)
     if not helo_ask and not ptr_ask:
         return skipped("no HELO domain and no verified PTR name to ask about")
-    return _judge(helo_ask + ptr_ask, {**helo_answers, **ptr_answers}, opts)
+    return judge_lists(helo_ask + ptr_ask, {**helo_answers, **ptr_answers}, opts, TEMP_TEXT)
 
 
 def check_sender(ctx: Context, opts: Options) -> Check:
@@ -132,7 +96,7 @@ def check_sender(ctx: Context, opts: Options) -> Check:
     if not domain or "." not in domain:
         return skipped("sender domain is not a domain name")
     asked, answers = yield from _ask_lists([("sender domain", domain)], specs, opts.txt)
-    return _judge(asked, answers, opts)
+    return judge_lists(asked, answers, opts, TEMP_TEXT)
 
 
 RULE = Rule("rhsbl", Stage.HELO, 3, Options, check_domains, __doc__ or "")
