@@ -17,11 +17,12 @@ import logging
 import sys
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
 from heloguard.answers import Answer, Origin, Query, Status
 from heloguard.config import Config, ConfigError, load
-from heloguard.engine import Decision, Engine, LiveDns, Verdict
+from heloguard.engine import Decision, Engine, LiveDns, RecordedDns, Verdict
 from heloguard.gate import Gate
 from heloguard.names import parse_address, parse_helo, reverse_name
 from heloguard.render import EXIT_FOR_VERDICT, decision_json, decision_text
@@ -228,11 +229,58 @@ def _chunks(items: Iterable[tuple[int, str]], size: int) -> Iterator[list[tuple[
         yield chunk
 
 
+def cmd_replay(args: argparse.Namespace, engine: Engine) -> int:
+    """``heloguard check --replay FILE``: re-evaluate records from their own DNS answers."""
+    from heloguard.records import ReplayError, answers_of, parse, phases_of
+
+    path = Path(args.replay)
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not lines:
+        raise UsageError(f"{path}: no record")
+    code, differ = 0, 0
+    for number, line in enumerate(lines, 1):
+        try:
+            rec = parse(line)
+            inp = CheckInput(
+                ip=str(rec["input"]["ip"]),
+                helo=rec["input"].get("helo"),
+                sender=rec["input"].get("from"),
+                rcpt=tuple(rec["input"].get("rcpt") or ()),
+            )
+            dns = RecordedDns(answers_of(rec))
+            phases = phases_of(rec)
+        except (ReplayError, KeyError, TypeError) as exc:
+            raise UsageError(f"{path}:{number}: {exc}") from None
+        decision = asyncio.run(
+            engine.decide(inp.context(), dns, phases, evaluate_all=bool(rec.get("evaluate_all")))
+        )
+        now = {
+            "verdict": str(decision.verdict),
+            "reply": str(decision.reply) if decision.reply else None,
+        }
+        then = {"verdict": rec.get("verdict"), "reply": rec.get("reply")}
+        same = now == then
+        differ += not same
+        if args.json:
+            out = decision_json(decision)
+            out["input"] = inp.to_json()
+            out["replay"] = {"line": number, "recorded": then, "identical": same}
+            print(json.dumps(out))
+        else:
+            print(decision_text(decision, f"replay of {path}:{number}: client [{inp.ip}]"))
+            verdict = "identical to the record" if same else f"DIFFERS from the record: {then}"
+            print(f"replay:  {verdict}")
+        code = EXIT_FOR_VERDICT[decision.verdict]
+    return 1 if differ else code
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     """``heloguard check``."""
     only = _parse_rules(args.rules)
     config = load_config(args.config, args.nameserver or ())
     engine = Engine(config)
+    if args.replay is not None:
+        return cmd_replay(args, engine)
     with Resolver(config.dns.resolver_settings()) as res:
         if args.batch is not None:
             stream = sys.stdin if args.batch == "-" else open(args.batch, encoding="utf-8")  # noqa: SIM115
@@ -311,6 +359,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--json", action="store_true", help="one JSON object instead of the transcript"
     )
     check.add_argument("--batch", metavar="FILE|-", help="JSON lines in, JSON lines out")
+    check.add_argument(
+        "--replay",
+        metavar="FILE",
+        help="re-evaluate decision records (from [log] decisions) from their own DNS answers",
+    )
     check.set_defaults(func=cmd_check)
 
     config = sub.add_parser("config", help="configuration tools")

@@ -133,6 +133,7 @@ class LogConfig:
     syslog_socket: str = "/dev/log"
     level: Literal["debug", "info", "warning", "error"] = "info"
     passes: bool = True  # also log one line per accepted session
+    decisions: str = ""  # append one JSON record per decision to this file (replayable)
 
 
 _SOCKET = re.compile(r"^(unix|local):/.+$|^inet6?:\d{1,5}(@.+)?$")

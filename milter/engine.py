@@ -460,7 +460,10 @@ class _Phase:
             for e in self.entries:
                 if e.rule.name in self.done:
                     continue
-                if (e.rule.cost == 0) == pure_first and not self.rejected():
+                # rules of cost 0 always run (they are free): with adopted
+                # findings, the first rejection in evaluation order must
+                # still be the one a fresh evaluation finds
+                if (e.rule.cost == 0) == pure_first and (pure_first or not self.rejected()):
                     started = self.start(e)
                     if started is not None:
                         live[e.rule.name] = (e, *started)

@@ -51,6 +51,7 @@ from heloguard.gate import Gate
 from heloguard.greylist import Greylist, client_key, greylist_reply, suspicious
 from heloguard.logfmt import escape, printable
 from heloguard.names import parse_address, parse_helo, reverse_name
+from heloguard.records import RecordWriter, record
 from heloguard.resolver import Resolver
 from heloguard.rules.base import Context, Reply, Stage
 
@@ -140,6 +141,7 @@ class Runtime:
     gate: Gate
     greylist: Greylist | None = None
     decisions: DecisionCache = field(default_factory=DecisionCache)
+    records: RecordWriter | None = None
 
     @classmethod
     def build(cls, config: Config, resolver: Resolver | None = None) -> Runtime:
@@ -147,8 +149,14 @@ class Runtime:
         res = resolver or Resolver(config.dns.resolver_settings()).start()
         engine = Engine(config, on_error=config.milter.failure_policy)
         grey = Greylist(config.greylist) if config.greylist is not None else None
+        records = RecordWriter(config.log.decisions) if config.log.decisions else None
         return cls(
-            config=config, engine=engine, resolver=res, gate=Gate.from_config(config), greylist=grey
+            records=records,
+            config=config,
+            engine=engine,
+            resolver=res,
+            gate=Gate.from_config(config),
+            greylist=grey,
         )
 
     @property
@@ -307,11 +315,21 @@ class Session:
 
     def _decide(self, phases: list[list[Stage]]) -> Decision:
         key = self._key(phases)
-        cached = self.rt.decisions.get(key)
-        if cached is not None:
-            return cached
-        decision = self._evaluate(phases)
-        self.rt.decisions.put(key, decision)
+        decision = self.rt.decisions.get(key)
+        if decision is None:
+            decision = self._evaluate(phases)
+            self.rt.decisions.put(key, decision)
+        if self.rt.records is not None and self.client is not None:
+            self.rt.records.write(
+                record(
+                    decision,
+                    client=str(self.client),
+                    helo=self.helo_raw,
+                    sender=self.sender,
+                    rcpt=list(self.recipients),
+                    phases=phases,
+                )
+            )
         return decision
 
     def _evaluate(self, phases: list[list[Stage]]) -> Decision:

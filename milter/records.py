@@ -1,0 +1,115 @@
+"""Decision records: one JSON line per decision, replayable offline.
+
+With ``[log] decisions = PATH`` every decision the milter makes (one per
+phase it evaluates) is appended to PATH as one JSON object: the inputs
+(client address, HELO, sender, recipients, the phases evaluated), the
+verdict and reply, every rule's finding, and every DNS answer it used (name,
+type, status, records, TTL).  ``heloguard check --replay FILE`` re-evaluates
+a record from its own DNS answers and must reach the same verdict: the
+essay's "repeatable", made checkable.  ``heloguard check`` on the same inputs,
+live, shows what changed if DNS did.
+
+Records hold attacker-controlled text (HELO, PTR names); JSON escapes
+control characters, and query keys of DNS lists are redacted.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from heloguard.answers import Answer
+from heloguard.engine import Decision
+from heloguard.logfmt import redact
+from heloguard.render import decision_json
+from heloguard.rules.base import Stage
+
+FORMAT = 1
+
+
+def record(
+    decision: Decision,
+    *,
+    client: str,
+    helo: str | None,
+    sender: str | None,
+    rcpt: list[str],
+    phases: list[list[Stage]],
+    evaluate_all: bool = False,
+    when: float | None = None,
+) -> dict[str, Any]:
+    """The record of one decision."""
+    out = decision_json(decision)
+    out.update(
+        {
+            "format": FORMAT,
+            "time": round(when if when is not None else time.time(), 3),
+            "input": {"ip": client, "helo": helo, "from": sender, "rcpt": rcpt},
+            "phases": [[s.word for s in phase] for phase in phases],
+            "evaluate_all": evaluate_all,
+            "answers": [a.to_json() for a in decision.answers.values()],
+        }
+    )
+    return out
+
+
+def dumps(rec: dict[str, Any]) -> str:
+    """One line of JSON, query keys redacted."""
+    return redact(json.dumps(rec, separators=(",", ":"), sort_keys=False))
+
+
+class RecordWriter:
+    """Appends records to a file, one line each, from many threads."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._fh = self.path.open("a", encoding="utf-8", buffering=1)
+
+    def write(self, rec: dict[str, Any]) -> None:
+        """Append one record (a whole line, never interleaved)."""
+        line = dumps(rec) + "\n"
+        with self._lock:
+            self._fh.write(line)
+
+    def close(self) -> None:
+        """Close the file."""
+        with self._lock:
+            self._fh.close()
+
+
+class ReplayError(ValueError):
+    """A record that cannot be replayed."""
+
+
+def parse(line: str) -> dict[str, Any]:
+    """Parse and check one record line."""
+    try:
+        rec = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise ReplayError(f"not a JSON record: {exc}") from None
+    if not isinstance(rec, dict) or "input" not in rec or "answers" not in rec:
+        raise ReplayError("not a heloguard decision record (no input or answers)")
+    if rec.get("format") != FORMAT:
+        raise ReplayError(f"record format {rec.get('format')!r}, expected {FORMAT}")
+    return rec
+
+
+def answers_of(rec: dict[str, Any]) -> list[Answer]:
+    """The DNS answers a record holds."""
+    try:
+        return [Answer.from_json(a) for a in rec["answers"]]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ReplayError(f"bad answer in record: {exc}") from None
+
+
+def phases_of(rec: dict[str, Any]) -> list[list[Stage]]:
+    """The phases a record evaluated."""
+    try:
+        return [[Stage.parse(s) for s in phase] for phase in rec["phases"]]
+    except (KeyError, TypeError) as exc:
+        raise ReplayError(f"bad phases in record: {exc}") from None
