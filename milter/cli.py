@@ -315,6 +315,15 @@ def cmd_check(args: argparse.Namespace) -> int:
     return EXIT_FOR_VERDICT[decision.verdict]
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    """``heloguard report``: counts from decision records or log lines."""
+    from heloguard import report
+
+    rep = report.build(args.files, progress=sys.stderr.isatty() and not args.json)
+    print(json.dumps(rep.to_json()) if args.json else report.render(rep))
+    return 0
+
+
 def cmd_config_check(args: argparse.Namespace) -> int:
     """``heloguard config check``: validate and print the effective config."""
     from heloguard.configdump import dump
@@ -371,6 +380,13 @@ def build_parser() -> argparse.ArgumentParser:
     ccheck = csub.add_parser("check", help="validate and print the effective configuration")
     common(ccheck)
     ccheck.set_defaults(func=cmd_config_check)
+
+    rep = sub.add_parser("report", help="counts from decision records or heloguard's log lines")
+    rep.add_argument(
+        "files", nargs="*", metavar="FILE", help="records or log files (default: stdin)"
+    )
+    rep.add_argument("--json", action="store_true", help="one JSON object")
+    rep.set_defaults(func=cmd_report)
 
     from heloguard import daemon
 
