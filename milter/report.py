@@ -145,14 +145,14 @@ def _lines(paths: list[str], progress: bool) -> Iterator[str]:
         if p == "-":
             sources.append(("-", sys.stdin, 0))
         else:
-            fh = Path(p).open(encoding="utf-8", errors="replace")  # noqa: SIM115 - closed below
-            sources.append((p, fh, Path(p).stat().st_size))
+            opened: TextIO = Path(p).open(encoding="utf-8", errors="replace")  # noqa: SIM115 - closed below
+            sources.append((p, opened, Path(p).stat().st_size))
     total = sum(size for _, _, size in sources)
     done = 0
     shown = -1
-    for _name, fh, _size in sources:
+    for _name, stream, _size in sources:
         try:
-            for line in fh:
+            for line in stream:
                 done += len(line)
                 if progress and total > 1_000_000:
                     pct = min(100, done * 100 // total)
@@ -162,8 +162,8 @@ def _lines(paths: list[str], progress: bool) -> Iterator[str]:
                         shown = pct
                 yield line
         finally:
-            if fh is not sys.stdin:
-                fh.close()
+            if stream is not sys.stdin:
+                stream.close()
     if progress and shown >= 0:
         print(file=sys.stderr)
 
