@@ -184,6 +184,9 @@ class ExceptionsConfig:
 
     addresses: tuple[str, ...] = ()
     names: tuple[str, ...] = ()
+    # Files of further exceptions, one address, network or name per line
+    # ("#" starts a comment); reloaded when they change, validated first.
+    files: tuple[str, ...] = ()
 
     def validate(self) -> None:
         """Every address must parse; every name must be a host name."""
@@ -401,6 +404,41 @@ def _fill_helo_ours(rules: dict[str, RuleConfig], policy: PolicyConfig) -> None:
     rules["helo_ours"] = RuleConfig(entry.action, filled)
 
 
+def read_exception_file(path: str) -> tuple[list[str], list[str]]:
+    """Addresses/networks and names from one exceptions file (ConfigError names file:line)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError("exceptions.files", f"cannot read {path}: {exc}") from None
+    addresses: list[str] = []
+    names: list[str] = []
+    for number, raw in enumerate(text.splitlines(), 1):
+        entry = raw.split("#", 1)[0].strip().lower()
+        if not entry:
+            continue
+        try:
+            ipaddress.ip_network(entry, strict=False)
+        except ValueError:
+            if "." not in entry.strip(".") or not re.fullmatch(r"[a-z0-9.-]+", entry):
+                raise ConfigError(
+                    "exceptions.files",
+                    f"{path}:{number}: not an address, network or name: {entry!r}",
+                ) from None
+            names.append(entry.strip("."))
+        else:
+            addresses.append(entry)
+    return addresses, names
+
+
+def _merge_exception_files(exc: ExceptionsConfig) -> ExceptionsConfig:
+    addresses, names = list(exc.addresses), list(exc.names)
+    for path in exc.files:
+        more_addresses, more_names = read_exception_file(path)
+        addresses += more_addresses
+        names += more_names
+    return dataclasses.replace(exc, addresses=tuple(addresses), names=tuple(names))
+
+
 def _fill_rhsbl_sender(rules: dict[str, RuleConfig]) -> None:
     """rhsbl_sender asks the zones of [rules.rhsbl] unless given its own."""
     own, base = rules.get("rhsbl_sender"), rules.get("rhsbl")
@@ -457,7 +495,7 @@ def from_mapping(data: Mapping[str, object], source: str = EMBEDDED) -> Config:
             policy=policy,
             log=sections.pop("log"),
             milter=sections.pop("milter"),
-            exceptions=sections.pop("exceptions"),
+            exceptions=_merge_exception_files(sections.pop("exceptions")),
             rules=rules,
             extra=sections,
             source=source,

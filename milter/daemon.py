@@ -177,21 +177,27 @@ class ConfigWatcher(threading.Thread):
         apply: Callable[[Config], None],
         build: Callable[[Path], Config],
         interval: float = WATCH_INTERVAL,
+        extra: tuple[str, ...] = (),
     ) -> None:
         super().__init__(name="heloguard-reload", daemon=True)
         self.path = path
+        self.extra = extra  # exception files: watched too
         self.apply = apply
         self.build = build
         self.interval = interval
         self.stopped = threading.Event()
         self._seen = self._stamp()
 
-    def _stamp(self) -> tuple[int, int, int] | None:
-        try:
-            st = self.path.stat()
-        except OSError:
-            return None
-        return (st.st_mtime_ns, st.st_size, st.st_ino)
+    def _stamp(self) -> tuple[tuple[int, int, int] | None, ...]:
+        stamps: list[tuple[int, int, int] | None] = []
+        for p in (self.path, *map(Path, self.extra)):
+            try:
+                st = p.stat()
+            except OSError:
+                stamps.append(None)
+                continue
+            stamps.append((st.st_mtime_ns, st.st_size, st.st_ino))
+        return tuple(stamps)
 
     def run(self) -> None:
         """Poll the file; on a change, validate and apply."""
@@ -214,6 +220,7 @@ class ConfigWatcher(threading.Thread):
         except Exception:
             log.exception("reload failed, keeping the running configuration")
             return False
+        self.extra = config.exceptions.files
         log.info("reloaded configuration from %s", self.path)
         return True
 
@@ -248,7 +255,9 @@ def serve(args: argparse.Namespace) -> int:
     drop_privileges(config.milter.user, config.milter.group)
     watcher = None
     if config_path is not None:
-        watcher = ConfigWatcher(config_path, lambda new: _apply(holder, new, args), load)
+        watcher = ConfigWatcher(
+            config_path, lambda new: _apply(holder, new, args), load, extra=config.exceptions.files
+        )
         watcher.start()
     spec = config.milter.socket
     log.info("heloguard %s listening on %s", _version(), spec)

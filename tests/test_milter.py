@@ -388,3 +388,31 @@ def test_greylist_corrupt_database_keeps_serving(start_milter: Any, tmp_path: Pa
     r = run_session(m.socket, **GOOD)
     assert r.refusal() is None, "on_error = accept: mail flows without greylisting"
     assert db.read_bytes() == b"garbage" * 1000
+
+
+def test_exception_files_reload_without_restart(start_milter: Any, tmp_path: Path) -> None:
+    lists = tmp_path / "exceptions.txt"
+    lists.write_text("# wanted senders with broken DNS\n192.0.2.0/24\n")
+    m = start_milter({"exceptions": {"files": [str(lists)]}})
+    assert run_session(m.socket, **BOT).refusal() is not None
+    lists.write_text("192.0.2.0/24\n103.245.153.249   # a partner's broken relay\n")
+    m.wait_for("reloaded configuration", timeout=10)
+    assert run_session(m.socket, **BOT).refusal() is None, "excepted without a restart"
+    offset = len(m.log())
+    lists.write_text("103.245.153.249\nnot an address!\n")
+    m.wait_for("reload failed, keeping the running configuration", timeout=10, start=offset)
+    assert f"{lists}:2" in m.log()[offset:]
+    assert run_session(m.socket, **BOT).refusal() is None, "the previous lists stay in force"
+
+
+def test_exception_file_errors_name_the_line(tmp_path: Path) -> None:
+    from conftest import run_cli
+
+    lists = tmp_path / "exceptions.txt"
+    lists.write_text("mail.partner.example\n10.0.0.0/8\n\n  # comment\nbad entry here\n")
+    cfg = write_toml(tmp_path / "h.toml", {"exceptions": {"files": [str(lists)]}})
+    res = run_cli("config", "check", "--config", str(cfg))
+    assert res.code == 78 and f"{lists}:5" in res.stderr
+    lists.write_text("mail.partner.example\n10.0.0.0/8\n")
+    ok = run_cli("config", "check", "--config", str(cfg))
+    assert ok.code == 0 and "mail.partner.example" in ok.stdout and "10.0.0.0/8" in ok.stdout
