@@ -228,6 +228,22 @@ class GreylistConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    """[metrics]: a Prometheus endpoint, off unless ``listen`` is set."""
+
+    listen: str = ""  # "127.0.0.1:9523"; keep it on loopback
+
+    def validate(self) -> None:
+        """HOST:PORT."""
+        if self.listen:
+            host, _, port = self.listen.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(
+                    f"listen {self.listen!r}: expected HOST:PORT, such as 127.0.0.1:9523"
+                )
+
+
+@dataclass(frozen=True, slots=True)
 class RuleConfig:
     """[rules.NAME]: the action on failure and the rule's own options."""
 
@@ -244,6 +260,7 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     milter: MilterConfig = field(default_factory=MilterConfig)
     exceptions: ExceptionsConfig = field(default_factory=ExceptionsConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     greylist: GreylistConfig | None = None  # present in the file: greylisting on
     rules: Mapping[str, RuleConfig] = field(default_factory=dict)
     extra: Mapping[str, Any] = field(default_factory=dict)  # sections owned by later modules
@@ -267,6 +284,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "log": LogConfig,
     "milter": MilterConfig,
     "exceptions": ExceptionsConfig,
+    "metrics": MetricsConfig,
 }
 
 
@@ -496,6 +514,7 @@ def from_mapping(data: Mapping[str, object], source: str = EMBEDDED) -> Config:
             log=sections.pop("log"),
             milter=sections.pop("milter"),
             exceptions=_merge_exception_files(sections.pop("exceptions")),
+            metrics=sections.pop("metrics"),
             rules=rules,
             extra=sections,
             source=source,

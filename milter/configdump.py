@@ -34,7 +34,7 @@ def _table(name: str, obj: Any) -> list[str]:
 def dump(config: Config) -> str:
     """Every section with every key, defaults included."""
     lines = [f"# effective configuration from {config.source}"]
-    for name in ("dns", "policy", "log", "milter", "exceptions"):
+    for name in ("dns", "policy", "log", "milter", "exceptions", "metrics"):
         lines += ["", *_table(name, getattr(config, name))]
     if config.greylist is not None:
         lines += ["", *_table("greylist", config.greylist)]

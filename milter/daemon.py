@@ -247,7 +247,14 @@ def serve(args: argparse.Namespace) -> int:
     config = _overrides(load(config_path), args)
     setup_logging(config.log)
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # before any thread starts
-    holder = RuntimeHolder(Runtime.build(config))
+    metrics = None
+    if config.metrics.listen:
+        from heloguard.metrics import Metrics
+
+        metrics = Metrics()
+        metrics.serve(config.metrics.listen)
+        log.info("metrics on http://%s/metrics", config.metrics.listen)
+    holder = RuntimeHolder(Runtime.build(config, metrics=metrics))
     HeloguardMilter.holder = holder
     _start_greylist(holder.current)
     _bind(config, HeloguardMilter)
@@ -295,7 +302,7 @@ def _apply(holder: RuntimeHolder, new: Config, args: argparse.Namespace) -> None
     new = _overrides(new, args)
     old = holder.current
     resolver = old.resolver if new.dns == old.config.dns else None
-    fresh = Runtime.build(new, resolver)
+    fresh = Runtime.build(new, resolver, metrics=old.metrics)
     _start_greylist(fresh)
     holder.swap(fresh)
     if old.greylist is not None:

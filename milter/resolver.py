@@ -168,6 +168,9 @@ class Resolver:
         self._thread = threading.Thread(target=self._run_loop, name="heloguard-dns", daemon=True)
         self._started = False
         self._lock = threading.Lock()
+        # Hooks for the metrics: an answer from the network, a cache hit.
+        self.on_answer: Callable[[Answer], None] | None = None
+        self.on_cache_hit: Callable[[], None] | None = None
 
     # -- life cycle ---------------------------------------------------------
 
@@ -272,7 +275,7 @@ class Resolver:
         self.stats.asked += 1
         hit = self.cached(query)
         if hit is not None:
-            self.stats.cache_hits += 1
+            self._hit()
             return hit
         pending = self._inflight.get(query)
         if pending is not None:
@@ -312,7 +315,7 @@ class Resolver:
             hit = self.cached(q)
             if hit is not None:
                 self.stats.asked += 1
-                self.stats.cache_hits += 1
+                self._hit()
                 out[q] = hit
             else:
                 tasks[asyncio.ensure_future(self.lookup(q))] = q
@@ -340,7 +343,19 @@ class Resolver:
         elapsed = time.monotonic() - started
         if answer.status is Status.TEMP:
             self.stats.temp += 1
-        return replace(answer, elapsed=elapsed)
+        answer = replace(answer, elapsed=elapsed)
+        if self.on_answer is not None:
+            self.on_answer(answer)
+        return answer
+
+    def _hit(self) -> None:
+        self.stats.cache_hits += 1
+        if self.on_cache_hit is not None:
+            self.on_cache_hit()
+
+    def cache_size(self) -> int:
+        """Answers in the cache now."""
+        return len(self._cache)
 
     async def _ask_dnspython(self, query: Query) -> Answer:
         if not self._dns.nameservers:

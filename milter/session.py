@@ -50,6 +50,7 @@ from heloguard.engine import Decision, Engine, LiveDns, Verdict
 from heloguard.gate import Gate
 from heloguard.greylist import Greylist, client_key, greylist_reply, suspicious
 from heloguard.logfmt import escape, printable
+from heloguard.metrics import Metrics
 from heloguard.names import parse_address, parse_helo, reverse_name
 from heloguard.records import RecordWriter, record
 from heloguard.resolver import Resolver
@@ -142,15 +143,23 @@ class Runtime:
     greylist: Greylist | None = None
     decisions: DecisionCache = field(default_factory=DecisionCache)
     records: RecordWriter | None = None
+    metrics: Metrics | None = None
 
     @classmethod
-    def build(cls, config: Config, resolver: Resolver | None = None) -> Runtime:
+    def build(
+        cls, config: Config, resolver: Resolver | None = None, metrics: Metrics | None = None
+    ) -> Runtime:
         """Build the runtime for a configuration (a new resolver unless given)."""
         res = resolver or Resolver(config.dns.resolver_settings()).start()
+        if metrics is not None:
+            res.on_answer = metrics.dns_answer
+            res.on_cache_hit = metrics.cache_hits.inc
+            metrics.watch_cache(res.cache_size)
         engine = Engine(config, on_error=config.milter.failure_policy)
         grey = Greylist(config.greylist) if config.greylist is not None else None
         records = RecordWriter(config.log.decisions) if config.log.decisions else None
         return cls(
+            metrics=metrics,
             records=records,
             config=config,
             engine=engine,
@@ -182,12 +191,16 @@ class Session:
     recipients: list[str] = field(default_factory=list)
     prefetch: concurrent.futures.Future[Decision] | None = None
     grey_key: str = ""
+    counted: bool = False  # counted in sessions_in_flight
 
     # -- events -----------------------------------------------------------
 
     def connect(self, address: str | None, daemon_name: str | None = None) -> Step:
         """The client connected; start the lookups its address allows."""
         self.client = parse_address(address) if address else None
+        if self.rt.metrics is not None:
+            self.rt.metrics.in_flight.inc()
+            self.counted = True
         self.skip = self.rt.gate.skip_reason(self.client, daemon_name)
         if self.skip:
             self._log("skip", "CONNECT", None, self.skip)
@@ -274,6 +287,9 @@ class Session:
             self.grey_key = client_key(self.client, verified, cfg)
         key = self.grey_key
         outcome = grey.check(key, self.sender or "", recipient)
+        if self.rt.metrics is not None:
+            label = "error" if outcome.error else ("passed" if outcome.passed else "delayed")
+            self.rt.metrics.greylist.labels(label).inc()
         detail = f"{outcome.reason}; key={key}" + (f"; {suspicion}" if suspicion else "")
         if outcome.passed:
             if outcome.reason.startswith("retried") or outcome.error:
@@ -298,6 +314,9 @@ class Session:
     def close(self) -> None:
         """The connection ended."""
         self.prefetch = None
+        if self.counted and self.rt.metrics is not None:
+            self.rt.metrics.in_flight.dec()
+            self.counted = False
 
     # -- helpers ----------------------------------------------------------
 
@@ -319,6 +338,8 @@ class Session:
         if decision is None:
             decision = self._evaluate(phases)
             self.rt.decisions.put(key, decision)
+        if self.rt.metrics is not None:
+            self.rt.metrics.decided(decision)
         if self.rt.records is not None and self.client is not None:
             self.rt.records.write(
                 record(
