@@ -488,3 +488,30 @@ def test_greylist_through_postfix(start_milter: Any, tmp_path: Path) -> None:
         time.sleep(2.2)
         retry = send(server, GOOD, mail_from="rsk@gsp.org")
     assert retry.delivered, retry
+
+
+def test_contrib_xclient_test_script(start_milter: Any) -> None:
+    """contrib/postfix/xclient-test.py, the README's Postfix test command, works."""
+    import subprocess
+    import sys
+
+    m = start_milter()
+    with mta("postfix", m.socket) as server:
+        script = str(CONTRIB / "postfix" / "xclient-test.py")
+        base = [sys.executable, script, "--port", str(server.port)]
+        bot = subprocess.run(
+            [*base, "--ip", BOT["addr"], "--helo", BOT["helo"]],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        good = subprocess.run(
+            [*base, "--ip", GOOD["addr"], "--helo", GOOD["helo"], "--from", "rsk@gsp.org"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+    assert (
+        bot.returncode == 5 and "550 5.7.1" in bot.stdout and "generic host name" in bot.stdout
+    ), bot
+    assert good.returncode == 0, good
