@@ -18,7 +18,8 @@ DEB_BUILD := libmilter-dev gcc
 # sendmail packages into a private root (.cache/) and need only its libraries.
 # NSD (a third-party DNS server for tests/test_foreign_dns.py) is installed by
 # that test itself, with service start-up blocked so it never takes port 53.
-DEB_TEST  := postfix libsasl2-modules iproute2 util-linux sqlite3 \
+# man-db and groff-base: tests/test_docs.py renders the man pages.
+DEB_TEST  := postfix libsasl2-modules iproute2 util-linux sqlite3 man-db groff-base \
              libdb5.3 libldap-2.5-0 libnsl2 libsasl2-2 libssl3
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 

@@ -13,8 +13,10 @@ Durations accept seconds as numbers or strings such as ``"500ms"``, ``"3s"``,
 from __future__ import annotations
 
 import dataclasses
+import grp
 import ipaddress
 import os
+import pwd
 import re
 import socket
 import tomllib
@@ -163,6 +165,16 @@ class MilterConfig:
                 ipaddress.ip_network(net, strict=False)
             except ValueError:
                 raise ValueError(f"trusted_networks: not a network: {net!r}") from None
+        if self.user:
+            try:
+                pwd.getpwnam(self.user)
+            except KeyError:
+                raise ValueError(f"user {self.user!r} does not exist") from None
+        if self.group:
+            try:
+                grp.getgrnam(self.group)
+            except KeyError:
+                raise ValueError(f"group {self.group!r} does not exist") from None
         if not re.fullmatch(r"0?[0-7]{3}", self.socket_mode):
             raise ValueError(f'socket_mode {self.socket_mode!r}: expected octal such as "0660"')
 

@@ -146,6 +146,42 @@ def drop_privileges(user: str, group: str) -> None:
     log.info("running as %s:%s", user, group or grp.getgrgid(gid).gr_name)
 
 
+def hand_over(paths: list[Path], user: str, group: str) -> None:
+    """Give the files heloguard writes to the user it is about to become.
+
+    They were created (or exist) as root; after the privilege drop the daemon
+    must still write them, and SQLite must be able to create its -wal and
+    -shm files beside the database.  Folders heloguard created are handed
+    over too; a folder that already existed is only checked, and a warning
+    says when the user could not write in it.
+    """
+    if not user or os.geteuid() != 0:
+        return
+    pw = pwd.getpwnam(user)
+    gid = grp.getgrnam(group).gr_gid if group else pw.pw_gid
+    for path in paths:
+        folder = path.parent
+        if not folder.exists():
+            folder.mkdir(parents=True, exist_ok=True)
+            os.chown(folder, pw.pw_uid, gid)
+        for f in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+            if f.exists():
+                os.chown(f, pw.pw_uid, gid)
+        st = folder.stat()
+        writable = (
+            (st.st_uid == pw.pw_uid and st.st_mode & 0o200)
+            or (st.st_gid == gid and st.st_mode & 0o020)
+            or st.st_mode & 0o002
+        )
+        if not writable:
+            log.warning(
+                "%s is not writable by %s: %s cannot be recreated there after the privilege drop",
+                folder,
+                user,
+                path.name,
+            )
+
+
 def warn_world_writable(*paths: Path | None) -> None:
     """Log a warning for each file (or its folder) that anyone may write."""
     for p in paths:
@@ -254,9 +290,13 @@ def serve(args: argparse.Namespace) -> int:
         metrics = Metrics()
         metrics.serve(config.metrics.listen)
         log.info("metrics on http://%s/metrics", config.metrics.listen)
+    # folders for the state files first (created as root, handed to the user),
+    # then the files themselves once the runtime has opened them
+    hand_over(_state_files(config), config.milter.user, config.milter.group)
     holder = RuntimeHolder(Runtime.build(config, metrics=metrics))
     HeloguardMilter.holder = holder
     _start_greylist(holder.current)
+    hand_over(_state_files(config), config.milter.user, config.milter.group)
     _bind(config, HeloguardMilter)
     warn_world_writable(config_path)
     drop_privileges(config.milter.user, config.milter.group)
@@ -311,6 +351,16 @@ def _apply(holder: RuntimeHolder, new: Config, args: argparse.Namespace) -> None
         # sessions still using the old resolver finish within one budget
         threading.Timer(old.wait + 5, old.resolver.close).start()
     setup_logging(new.log)
+
+
+def _state_files(config: Config) -> list[Path]:
+    """The files the daemon writes (greylist database, decision records)."""
+    files = []
+    if config.greylist is not None and not config.greylist.database.startswith("file:"):
+        files.append(Path(config.greylist.database))
+    if config.log.decisions:
+        files.append(Path(config.log.decisions))
+    return files
 
 
 def _start_greylist(runtime: Runtime) -> None:

@@ -7,7 +7,8 @@ at RCPT TO):
 1. Rules are ordered cheapest first: by cost, then stage, then their place in
    the registry.  Rules whose action is ``off`` are not run at all.
 2. Rules of cost 0 (no DNS) run first.  If one of them rejects, the phase
-   ends there and no DNS question is asked.
+   ends there and no DNS question is asked (unless an allow list, dnswl, is
+   configured: its hit would exempt the client, so it is asked first).
 3. The other rules run side by side in rounds.  Each round, every unfinished
    rule names the questions it needs next; the engine unites them, asks each
    distinct question once (in parallel, all under the phase's time budget)
@@ -355,6 +356,8 @@ class Engine:
         await phase.run(dns, dns.now() + seconds)
         reports = phase.reports()
         for r in reports:
+            if r.rule in phase.adopted:
+                continue  # logged and counted when it was first found
             for alert in r.result.alerts:
                 self.alerts[r.rule] += 1
                 log.warning("misconfiguration (rule %s): %s", r.rule, printable(alert, 400))
@@ -380,6 +383,7 @@ class _Phase:
         self.done: dict[str, RuleReport] = {}
         self.seen: dict[str, dict[Query, Answer]] = {e.rule.name: {} for e in entries}
         self.answers: dict[Query, Answer] = {}
+        self.adopted: set[str] = set()
 
     def adopt(self, earlier: Decision) -> None:
         """Take over the findings of an earlier decision on the same client."""
@@ -389,6 +393,7 @@ class _Phase:
             settled = r.result.outcome in (Outcome.PASS, Outcome.FAIL)
             if r.rule in mine and not r.error and settled:
                 self.done[r.rule] = r
+                self.adopted.add(r.rule)
                 for a in r.lookups:
                     self.answers.setdefault(a.query, a)
 

@@ -280,12 +280,19 @@ class Session:
         suspicion = suspicious(self.helo_decision, self.mail_decision)
         if cfg.policy == "suspicious" and not suspicion:
             return CONTINUE
+        verified = tuple(self.helo_decision.facts("verified") or ()) if self.helo_decision else ()
+        if self.rt.gate.name_exception(verified):
+            return CONTINUE  # a name exception is never greylisted, whatever the rules said
         if not self.grey_key:  # once per session: it classifies the client's name
-            verified = (
-                tuple(self.helo_decision.facts("verified") or ()) if self.helo_decision else ()
-            )
             self.grey_key = client_key(self.client, verified, cfg)
         key = self.grey_key
+        if self.rt.config.policy.mode is Mode.WARN:
+            # warn mode refuses nothing: say what greylisting would do, record nothing
+            would = grey.peek(key, self.sender or "", recipient)
+            if not would.passed:
+                detail = f"would greylist: {greylist_reply(would, cfg.delay)}; key={key}"
+                self._log("warn", "RCPT", None, detail, name_from=self.helo_decision)
+            return CONTINUE
         outcome = grey.check(key, self.sender or "", recipient)
         if self.rt.metrics is not None:
             label = "error" if outcome.error else ("passed" if outcome.passed else "delayed")
@@ -440,6 +447,8 @@ class Session:
         if not log.isEnabledFor(level):
             return
         name = escape(self._ptr_name(decision or name_from), 255)
+        if name == "unknown" and self.helo_decision is not None:  # MAIL/RCPT decisions
+            name = escape(self._ptr_name(self.helo_decision), 255)
         addr = str(self.client) if self.client is not None else "unknown"
         parts = [
             f"{what}: {stage} from {name}[{addr}]: {printable(detail, 600) if detail else 'ok'};"

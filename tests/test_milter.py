@@ -155,6 +155,7 @@ def test_reject_stage_rcpt(start_milter: Any) -> None:
     assert r.rcpt is not None and r.rcpt.smtp_code == 550 and "5.7.1" in r.rcpt.text
     line = next(x for x in m.wait_for("reject: RCPT").splitlines() if "reject: RCPT" in x)
     assert "from=<basicmark@victoriakasunic.com>" in line and "to=<victim@example.test>" in line
+    assert "reject: RCPT from 103-245-153-249.host.neural.net.au[103.245.153.249]" in line
 
 
 def test_authenticated_client_spared_with_rcpt_stage(start_milter: Any) -> None:
@@ -416,3 +417,43 @@ def test_exception_file_errors_name_the_line(tmp_path: Path) -> None:
     lists.write_text("mail.partner.example\n10.0.0.0/8\n")
     ok = run_cli("config", "check", "--config", str(cfg))
     assert ok.code == 0 and "mail.partner.example" in ok.stdout and "10.0.0.0/8" in ok.stdout
+
+
+def test_state_files_usable_after_privilege_drop(start_milter: Any) -> None:
+    """The greylist database and decision records, created as root, are handed to the user."""
+    workdir = Path(tempfile.mkdtemp(prefix="hg-state-"))
+    workdir.chmod(0o755)
+    state = workdir / "state"  # created by heloguard, so handed over
+    config = {
+        "milter": {"user": "nobody", "group": "nogroup"},
+        "greylist": {"database": str(state / "grey.sqlite"), "policy": "all"},
+        "log": {"decisions": str(state / "decisions.jsonl")},
+    }
+    m = start_milter(config, workdir=workdir)
+    m.config_path.chmod(0o644)
+    r = run_session(m.socket, **GOOD)
+    assert r.rcpt is not None and r.rcpt.text.startswith("451 4.7.1 Greylisted"), r
+    assert "database failure" not in m.log()
+    assert (state / "decisions.jsonl").read_text().strip()
+    assert (state / "grey.sqlite").stat().st_uid == pwd.getpwnam("nobody").pw_uid
+
+
+def test_warn_mode_never_greylists(start_milter: Any, tmp_path: Path) -> None:
+    m = start_milter({**greylist_config(tmp_path), "policy": {"mode": "warn"}})
+    r = run_session(m.socket, **GOOD)
+    assert r.refusal() is None
+    m.wait_for("would greylist: 451 4.7.1")
+    assert "Greylisted" not in "".join(x for x in m.log().splitlines() if x.startswith("greylist:"))
+
+
+def test_name_exception_never_greylisted(start_milter: Any, tmp_path: Path) -> None:
+    m = start_milter({**greylist_config(tmp_path), "exceptions": {"names": ["firemountain.net"]}})
+    assert run_session(m.socket, **GOOD).refusal() is None
+
+
+def test_unknown_user_is_a_config_error(tmp_path: Path) -> None:
+    from conftest import run_cli
+
+    cfg = write_toml(tmp_path / "h.toml", {"milter": {"user": "no-such-user-here"}})
+    res = run_cli("config", "check", "--config", str(cfg))
+    assert res.code == 78 and "no-such-user-here" in res.stderr
