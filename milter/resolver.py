@@ -208,10 +208,22 @@ class Resolver:
         return self
 
     def close(self) -> None:
-        """Stop the loop thread; pending lookups are abandoned."""
+        """Stop the loop thread: cancel pending lookups (closing their sockets), then stop."""
         with self._lock:
             if not self._started or self._loop.is_closed():
                 return
+
+        async def cancel_pending() -> None:
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await self._loop.shutdown_asyncgens()
+
+        try:
+            asyncio.run_coroutine_threadsafe(cancel_pending(), self._loop).result(timeout=5)
+        except (concurrent.futures.TimeoutError, RuntimeError):
+            log.warning("resolver: pending lookups did not stop in time")
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=5)
         if not self._thread.is_alive():

@@ -143,6 +143,9 @@ def write_toml(path: Path, data: Mapping[str, Any]) -> Path:
 class MilterProcess:
     """A ``heloguard serve`` started by a test; its stderr is its log."""
 
+    replayable: bool = True
+    config_text: str = ""
+
     def __init__(
         self, workdir: Path, config: Mapping[str, Any], argv_prefix: list[str] | None = None
     ) -> None:
@@ -210,7 +213,11 @@ def start_milter(tmp_path: Path, dns_server: DNSServer) -> Iterator[Any]:
         if workdir is None:
             workdir = tmp_path / f"milter{len(started)}"
             workdir.mkdir()
+        # every daemon a test starts records its decisions; teardown replays them
+        cfg.setdefault("log", {}).setdefault("decisions", str(workdir / "decisions.jsonl"))
         proc = MilterProcess(workdir, cfg, **kw)
+        proc.replayable = "argv_prefix" not in kw  # an injected fault is not in the record
+        proc.config_text = proc.config_path.read_text()
         started.append(proc)
         return proc
 
@@ -219,3 +226,37 @@ def start_milter(tmp_path: Path, dns_server: DNSServer) -> Iterator[Any]:
     # own test (test_sigterm_exits_cleanly), so teardown just kills.
     for proc in started:
         proc.stop(signal.SIGKILL)
+    for proc in started:
+        assert_replays(proc)
+
+
+def assert_replays(proc: MilterProcess) -> None:
+    """Every decision the daemon recorded replays offline to the identical verdict.
+
+    Skipped for a daemon whose config changed during the test (a reload test:
+    its early records were made under the old config) or that ran with an
+    injected fault.
+    """
+    records = proc.workdir / "decisions.jsonl"
+    if not proc.replayable or not records.exists() or not records.read_text().strip():
+        return
+    if not proc.config_path.exists() or proc.config_path.read_text() != proc.config_text:
+        return
+    res = run_cli(
+        "check",
+        "--json",
+        "--config",
+        str(proc.config_path),
+        "--nameserver",
+        "127.0.0.1:9",
+        "--replay",
+        str(records),
+    )
+    if res.code == 78:
+        return  # the test broke a file the config names, on purpose (a reload test)
+    lines = [line for line in records.read_text().splitlines() if line.strip()]
+    replays = res.lines()
+    assert res.code in (0, 4, 5), ("replay failed", res.code, res.stderr)
+    assert len(replays) == len(lines), ("replay skipped records", len(replays), len(lines))
+    for out in replays:
+        assert out["replay"]["identical"], ("a recorded decision replays differently", out)
