@@ -19,7 +19,8 @@ Checks:   sender_mx looks at the domain of MAIL FROM (the null sender <> is
           ``unresolvable`` (one target of several).  ``strict = true`` (the
           essay's profile) makes every defect fatal.
 Stage:    sender_mx: mail.  client_mx: connect (verdict at HELO).
-Cost:     sender_mx 4 (MX, addresses, PTR, forward confirmation); client_mx 4.
+Cost:     sender_mx 4 (MX, addresses, PTR, forward confirmation); client_mx 2
+          (PTR, then forward confirmation and MX together).
 Replies:  pass; skip (null sender, no sender, no verified name);
           fail: 550 5.7.27 null MX; 550 5.1.8 for a domain without mail hosts,
           with private-only, CNAME or unresolvable MX hosts; 550 5.7.25 for an
@@ -58,7 +59,7 @@ from heloguard.rules.base import (
     skipped,
     tempfailed,
 )
-from heloguard.rules.lookups import client_names, confirmed_names
+from heloguard.rules.lookups import confirmed_names, ptr_name_problem
 
 FATAL = frozenset({"null_mx", "no_domain", "no_mail_host", "private_only"})
 
@@ -309,29 +310,38 @@ def check_sender(ctx: Context, opts: Options) -> Check:
 
 
 def check_client(ctx: Context, opts: Options) -> Check:
-    """If the client is an MX of its own domain, that MX must not be a CNAME."""
-    found = yield from client_names(ctx, 10)
-    if not found.verified:
+    """If the client is an MX of its own domain, that MX must not be a CNAME.
+
+    Two rounds, the same depth as fcrdns: the PTR, then, together, the forward
+    confirmation of each PTR name (shared with fcrdns) and the MX of each
+    name's registered domain.  The CNAME check reads the forward answer's
+    CNAME chain, so it costs no question of its own.
+    """
+    ptr_q = Query.of(ctx.reverse, "PTR")
+    first = yield from ask(ptr_q)
+    ptr = first[ptr_q]
+    names = [n for n in ptr.records if not ptr_name_problem(n)][:10] if ptr.ok else []
+    if not names:
+        return skipped("no usable PTR name (see fcrdns)")
+    forward = {n: Query.of(n, ctx.family_rdtype) for n in names}
+    domains = sorted({d for d in (registered_domain(n) for n in names) if d})
+    mx_queries = [Query.of(d, "MX") for d in domains]
+    answers = yield from ask(*forward.values(), *mx_queries)
+    verified = [n for n in names if ctx.client in answers[forward[n]].addresses()]
+    if not verified:
         return skipped("no verified name (see fcrdns)")
-    domains = sorted({d for d in (registered_domain(n) for n in found.verified) if d})
-    queries = [Query.of(d, "MX") for d in domains]
-    answers = yield from ask(*queries)
     mine: list[str] = []
-    for q in queries:
+    for q in mx_queries:
         hosts, _ = _mx_hosts(answers[q], opts.max_mx) if answers[q].ok else ([], False)
-        mine += [h for h in hosts if h in found.verified]
+        mine += [h for h in hosts if h in verified]
     if not mine:
         return skipped("the client is not an MX of its own domain")
-    addr_queries = [Query.of(h, ctx.family_rdtype) for h in mine]
-    addrs = yield from ask(*addr_queries)
-    for host, q in zip(mine, addr_queries, strict=True):
-        if addrs[q].canonical:
+    for host in mine:
+        target = answers[forward[host]].canonical
+        if target:
             text = f"Your host {for_reply(host)} is an MX of its domain and a CNAME (RFC 2181 10.3)"
-            result = failed(
-                Reply(550, "5.1.8", text),
-                f"MX {host} is a CNAME to {addrs[q].canonical}",
-                defects="cname",
-            )
+            reply = Reply(550, "5.1.8", text)
+            result = failed(reply, f"MX {host} is a CNAME to {target}", defects="cname")
             if not opts.fatal("cname"):
                 return Result(
                     result.outcome,
@@ -347,5 +357,5 @@ def check_client(ctx: Context, opts: Options) -> Check:
 
 RULE = Rule("sender_mx", Stage.MAIL, 4, Options, check_sender, __doc__ or "")
 CLIENT_RULE = Rule(
-    "client_mx", Stage.CONNECT, 4, Options, check_client, __doc__ or "", default_action="warn"
+    "client_mx", Stage.CONNECT, 2, Options, check_client, __doc__ or "", default_action="warn"
 )
