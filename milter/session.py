@@ -192,6 +192,7 @@ class Session:
     prefetch: concurrent.futures.Future[Decision] | None = None
     grey_key: str = ""
     counted: bool = False  # counted in sessions_in_flight
+    callback_deadline: float = 0.0  # when this callback's DNS budget runs out
 
     # -- events -----------------------------------------------------------
 
@@ -219,6 +220,7 @@ class Session:
 
     def helo(self, argument: str) -> Step:
         """The client said HELO/EHLO: judge it."""
+        self._new_callback()
         self.helo_raw = argument
         if self.skip:
             return ACCEPT  # not judged: nothing later applies either
@@ -232,6 +234,7 @@ class Session:
 
     def mail(self, sender: str, auth: str | None = None) -> Step:
         """MAIL FROM: spare authenticated clients; judge the sender (and a HELO-less client)."""
+        self._new_callback()
         self.sender = sender
         self.recipients = []
         if self.skip:
@@ -259,6 +262,7 @@ class Session:
 
     def rcpt(self, recipient: str) -> Step:
         """RCPT TO: answer a kept verdict, or judge the recipient stage."""
+        self._new_callback()
         self.recipients.append(recipient)
         if self.skip or self.auth:
             return CONTINUE
@@ -365,19 +369,39 @@ class Session:
         pre = self.prefetch
         if pre is not None and pre.done() and not pre.cancelled() and pre.exception() is None:
             reuse = pre.result()  # the connect-stage findings, made while the client said hello
+        budget = self._budget()
         coro = self.rt.engine.decide(
-            self._context(), LiveDns(self.rt.resolver), phases, reuse=reuse
+            self._context(), LiveDns(self.rt.resolver), phases, reuse=reuse, budget=budget
         )
-        return self.rt.resolver.run(coro, timeout=self.rt.wait)
+        return self.rt.resolver.run(coro, timeout=budget + 2.0)
+
+    def _budget(self) -> float:
+        """DNS time left for this MTA callback: one [dns] budget per callback, shared
+        by every phase it evaluates (a client that skips HELO gets the HELO and
+        MAIL phases in one MAIL callback), so no callback outlasts the MTA's
+        milter timeout.  A phase left with nothing still gets a moment, and
+        whatever it could not ask is TEMP: a 4xx, never a 5xx."""
+        now = time.monotonic()
+        if self.callback_deadline <= now:
+            self.callback_deadline = now + self.rt.config.dns.budget
+        return max(0.2, self.callback_deadline - now)
+
+    def _new_callback(self) -> None:
+        self.callback_deadline = 0.0
 
     def _verified(self, decision: Decision) -> tuple[str, ...]:
         verified = decision.facts("verified")
         if verified is None and self.rt.gate.exception_names:
             # fcrdns did not run (an earlier rule decided): ask it now, from the cache.
+            budget = self._budget()  # the same callback: the same DNS budget
             coro = self.rt.engine.decide(
-                self._context(), LiveDns(self.rt.resolver), [[Stage.CONNECT]], only=["fcrdns"]
+                self._context(),
+                LiveDns(self.rt.resolver),
+                [[Stage.CONNECT]],
+                only=["fcrdns"],
+                budget=budget,
             )
-            verified = self.rt.resolver.run(coro, timeout=self.rt.wait).facts("verified")
+            verified = self.rt.resolver.run(coro, timeout=budget + 2.0).facts("verified")
         return tuple(verified or ())
 
     def _verdict(self, decision: Decision, stage: str) -> Step:

@@ -457,3 +457,23 @@ def test_unknown_user_is_a_config_error(tmp_path: Path) -> None:
     cfg = write_toml(tmp_path / "h.toml", {"milter": {"user": "no-such-user-here"}})
     res = run_cli("config", "check", "--config", str(cfg))
     assert res.code == 78 and "no-such-user-here" in res.stderr
+
+
+def test_one_dns_budget_per_callback(start_milter: Any, dns_server: DNSServer) -> None:
+    """A client that skips HELO gets the HELO and MAIL phases in one MAIL callback:
+    together they stay within one [dns] budget (under Sendmail's 10 s read timeout).
+    With a budget per phase this callback would take about 3.6 s."""
+    dns_server.set_fault("1.71.64.in-addr.arpa", "delay", delay=1.8)  # the client's PTR
+    dns_server.set_fault("gsp.org", "delay", delay=1.8, qtype="MX")  # the sender's MX
+    m = start_milter(
+        {"dns": {"timeout": 5, "budget": 2}, "rules": {"helo_syntax": {"action": "warn"}}}
+    )
+    with MilterClient(m.socket) as c:
+        c.negotiate()
+        c.connect("64.71.1.10", macros={"{daemon_name}": "mx"})
+        started = time.monotonic()
+        reply = c.mail("rsk@gsp.org", macros={"{auth_authen}": ""})
+        took = time.monotonic() - started
+    assert took < 3.0, f"one callback took {took:.1f}s with a 2s budget"
+    # the MAIL phase got what was left: its MX question was cut short, a 4xx
+    assert reply is not None and reply.smtp_code == 451, reply
