@@ -14,8 +14,8 @@ once its own forward zone points back at the client.
 
 from __future__ import annotations
 
-from collections.abc import Generator
-from dataclasses import dataclass
+from collections.abc import Callable, Generator, Iterable
+from dataclasses import dataclass, field
 
 from heloguard.answers import Answer, IPAddress, Query
 from heloguard.names import hostname_problem, reverse_name
@@ -31,6 +31,7 @@ class ClientNames:
     ignored: tuple[str, ...]  # PTR names not tried (invalid, or over the cap)
     verified: tuple[str, ...]  # names whose address records include the client
     forward: tuple[Answer, ...]  # the forward lookups made
+    extra: Answers = field(default_factory=dict)  # answers to the caller's extra questions
 
     @property
     def uncertain(self) -> bool:
@@ -54,8 +55,17 @@ def client_names(ctx: Context, max_names: int) -> Generator[Batch, Answers, Clie
     return (yield from confirmed_names(ctx.client, max_names))
 
 
-def confirmed_names(address: IPAddress, max_names: int) -> Generator[Batch, Answers, ClientNames]:
-    """Forward-confirmed reverse DNS of any address (the client's, an MX host's)."""
+def confirmed_names(
+    address: IPAddress,
+    max_names: int,
+    extra: Callable[[tuple[str, ...]], Iterable[Query]] | None = None,
+) -> Generator[Batch, Answers, ClientNames]:
+    """Forward-confirmed reverse DNS of any address (the client's, an MX host's).
+
+    ``extra`` names further questions, made from the PTR names, to ask in the
+    same round as the forward lookups (client_mx asks the MX of their domains
+    there, so it stays two rounds deep).
+    """
     ptr_q = Query.of(reverse_name(address), "PTR")
     family = "A" if address.version == 4 else "AAAA"
     answers = yield from ask(ptr_q)
@@ -68,8 +78,10 @@ def confirmed_names(address: IPAddress, max_names: int) -> Generator[Batch, Answ
     if not names:
         return ClientNames(ptr, (), ignored, (), ())
     queries = [Query.of(n, family) for n in names]
-    fwd = yield from ask(*queries)
+    more = list(extra(names)) if extra is not None else []
+    fwd = yield from ask(*queries, *more)
     verified = tuple(
         n for n, q in zip(names, queries, strict=True) if address in fwd[q].addresses()
     )
-    return ClientNames(ptr, names, ignored, verified, tuple(fwd[q] for q in queries))
+    found = tuple(fwd[q] for q in queries)
+    return ClientNames(ptr, names, ignored, verified, found, {q: fwd[q] for q in more})

@@ -38,7 +38,7 @@ Options:  max_mx (10), max_addresses (4 per MX host), strict (false).
 from __future__ import annotations
 
 from collections.abc import Generator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from heloguard.answers import Answer, IPAddress, Query, Status
 from heloguard.logfmt import for_reply
@@ -59,7 +59,7 @@ from heloguard.rules.base import (
     skipped,
     tempfailed,
 )
-from heloguard.rules.lookups import confirmed_names, ptr_name_problem
+from heloguard.rules.lookups import confirmed_names
 
 FATAL = frozenset({"null_mx", "no_domain", "no_mail_host", "private_only"})
 
@@ -317,40 +317,31 @@ def check_client(ctx: Context, opts: Options) -> Check:
     name's registered domain.  The CNAME check reads the forward answer's
     CNAME chain, so it costs no question of its own.
     """
-    ptr_q = Query.of(ctx.reverse, "PTR")
-    first = yield from ask(ptr_q)
-    ptr = first[ptr_q]
-    names = [n for n in ptr.records if not ptr_name_problem(n)][:10] if ptr.ok else []
-    if not names:
-        return skipped("no usable PTR name (see fcrdns)")
-    forward = {n: Query.of(n, ctx.family_rdtype) for n in names}
-    domains = sorted({d for d in (registered_domain(n) for n in names) if d})
-    mx_queries = [Query.of(d, "MX") for d in domains]
-    answers = yield from ask(*forward.values(), *mx_queries)
-    verified = [n for n in names if ctx.client in answers[forward[n]].addresses()]
-    if not verified:
+
+    def mx_of_domains(names: tuple[str, ...]) -> list[Query]:
+        return [
+            Query.of(d, "MX") for d in sorted({registered_domain(n) or "" for n in names} - {""})
+        ]
+
+    found = yield from confirmed_names(ctx.client, 10, extra=mx_of_domains)
+    if not found.verified:
         return skipped("no verified name (see fcrdns)")
     mine: list[str] = []
-    for q in mx_queries:
-        hosts, _ = _mx_hosts(answers[q], opts.max_mx) if answers[q].ok else ([], False)
-        mine += [h for h in hosts if h in verified]
+    for answer in found.extra.values():
+        hosts, _ = _mx_hosts(answer, opts.max_mx) if answer.ok else ([], False)
+        mine += [h for h in hosts if h in found.verified]
     if not mine:
         return skipped("the client is not an MX of its own domain")
+    forward = dict(zip(found.names, found.forward, strict=True))
     for host in mine:
-        target = answers[forward[host]].canonical
+        target = forward[host].canonical
         if target:
             text = f"Your host {for_reply(host)} is an MX of its domain and a CNAME (RFC 2181 10.3)"
-            reply = Reply(550, "5.1.8", text)
-            result = failed(reply, f"MX {host} is a CNAME to {target}", defects="cname")
+            result = failed(
+                Reply(550, "5.1.8", text), f"MX {host} is a CNAME to {target}", defects="cname"
+            )
             if not opts.fatal("cname"):
-                return Result(
-                    result.outcome,
-                    result.reason,
-                    result.reply,
-                    result.notes,
-                    result.facts,
-                    warn_only=True,
-                )
+                return replace(result, warn_only=True)
             return result
     return passed(f"the client is an MX of its domain ({', '.join(mine)}), not a CNAME")
 
