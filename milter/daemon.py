@@ -55,6 +55,11 @@ WATCH_INTERVAL = 2.0
 
 def setup_logging(cfg: LogConfig) -> None:
     """One handler on the ``heloguard`` logger: stderr, or syslog's mail facility."""
+    # One line per decision on a busy MX: skip the record fields no format
+    # here uses (the caller's file and line, thread and multiprocessing names).
+    logging._srcfile = None  # the logging HOWTO's advice
+    logging.logThreads = False
+    logging.logMultiprocessing = False
     root = logging.getLogger("heloguard")
     for h in list(root.handlers):
         root.removeHandler(h)

@@ -157,6 +157,24 @@ class Decision:
     answers: dict[Query, Answer] = field(default_factory=dict)
     elapsed: float = 0.0
     exempt: str = ""  # why the client is not judged (trusted, exception...), if so
+    reused: bool = False  # taken from a recent identical decision: nothing was asked
+
+    def reuse(self) -> Decision:
+        """A copy standing for a repeat of this decision: no DNS sent, no time taken."""
+        return Decision(
+            verdict=self.verdict,
+            stage=self.stage,
+            reply=self.reply,
+            rule=self.rule,
+            mode=self.mode,
+            enforced=self.enforced,
+            enforced_reply=self.enforced_reply,
+            reports=self.reports,
+            answers=self.answers,
+            elapsed=0.0,
+            exempt=self.exempt,
+            reused=True,
+        )
 
     def exempted(self, reason: str) -> Decision:
         """This decision turned into an accept because the client is exempt."""
@@ -174,6 +192,8 @@ class Decision:
     @property
     def dns_sent(self) -> int:
         """Questions that went to a nameserver for this decision."""
+        if self.reused:
+            return 0
         return sum(1 for a in self.answers.values() if a.origin is Origin.NETWORK)
 
     def report(self, rule: str) -> RuleReport | None:

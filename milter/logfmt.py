@@ -12,6 +12,9 @@ from __future__ import annotations
 import re
 
 _SAFE = frozenset(chr(c) for c in range(0x21, 0x7F)) - {"\\", "<", ">", "[", "]", "="}
+# Fast paths: a text with none of these is returned as it is.
+_ESCAPE_NEEDED = re.compile(r"[^!-~]|[\\<>\[\]=]")
+_PRINTABLE_NEEDED = re.compile(r"[^ -~]|\\")
 
 # Access keys embedded in DNS list zone names (KEY.zen.dq.spamhaus.net): they
 # must never reach a reply, a log line or a JSON record.
@@ -35,6 +38,8 @@ def redact(text: str) -> str:
 def escape(text: str, limit: int = 512) -> str:
     """Printable ASCII kept; everything else as ``\\xNN`` / ``\\uNNNN``; cut at ``limit``."""
     text = redact(text)
+    if len(text) <= limit and not _ESCAPE_NEEDED.search(text):
+        return text
     out: list[str] = []
     size = 0
     for ch in text:
@@ -57,6 +62,8 @@ def escape(text: str, limit: int = 512) -> str:
 def printable(text: str, limit: int = 512) -> str:
     """For human transcripts: like :func:`escape` but spaces and brackets kept."""
     text = redact(text)
+    if len(text) <= limit and not _PRINTABLE_NEEDED.search(text):
+        return text
     out: list[str] = []
     for ch in text[:limit]:
         if 0x20 <= ord(ch) < 0x7F and ch != "\\":

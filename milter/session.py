@@ -116,7 +116,7 @@ class DecisionCache:
             if found is None:
                 return None
             self.hits += 1
-        return copy.copy(found[0])
+        return found[0].reuse()
 
     def put(self, key: tuple[object, ...], decision: Decision) -> None:
         """Keep a settled decision for the smallest TTL it rests on."""
@@ -193,12 +193,17 @@ class Session:
     grey_key: str = ""
     counted: bool = False  # counted in sessions_in_flight
     callback_deadline: float = 0.0  # when this callback's DNS budget runs out
+    addr: str = "unknown"  # the client address as text, once
+    ptr_query: Query | None = None  # the PTR question of the client address, once
 
     # -- events -----------------------------------------------------------
 
     def connect(self, address: str | None, daemon_name: str | None = None) -> Step:
         """The client connected; start the lookups its address allows."""
         self.client = parse_address(address) if address else None
+        if self.client is not None:
+            self.addr = str(self.client)
+            self.ptr_query = Query.of(reverse_name(self.client), "PTR")
         if self.rt.metrics is not None:
             self.rt.metrics.in_flight.inc()
             self.counted = True
@@ -208,14 +213,28 @@ class Session:
             return CONTINUE
         if self.client is None:  # skip_reason covers it; keeps the type checker honest
             return CONTINUE
-        ctx = Context(client=self.client)
-        if self.rt.decisions.get(self._key([[Stage.CONNECT, Stage.HELO]])) is not None:
-            return CONTINUE  # a recent identical decision: nothing to fetch
+        key = self._key([[Stage.CONNECT]])
+        known = self.rt.decisions.get(key)
+        if known is not None:  # a repeat client: its connect-stage findings still stand
+            self.prefetch = concurrent.futures.Future()
+            self.prefetch.set_result(known)
+            return CONTINUE
         self.prefetch = self.rt.resolver.submit(
             self.rt.engine.decide(
-                ctx, LiveDns(self.rt.resolver), [[Stage.CONNECT]], evaluate_all=True
-            )
+                Context(client=self.client),
+                LiveDns(self.rt.resolver),
+                [[Stage.CONNECT]],
+                evaluate_all=True,
+            ),
+            inline=True,
         )
+        decisions = self.rt.decisions
+
+        def keep(done: concurrent.futures.Future[Decision]) -> None:
+            if not done.cancelled() and done.exception() is None:
+                decisions.put(key, done.result())
+
+        self.prefetch.add_done_callback(keep)
         return CONTINUE
 
     def helo(self, argument: str) -> Step:
@@ -341,7 +360,7 @@ class Session:
         stages = tuple(s for p in phases for s in p)
         sender = self.sender if Stage.MAIL in stages or Stage.RCPT in stages else None
         helo = self.helo_raw if Stage.HELO in stages else None
-        return (stages, str(self.client), helo, sender)
+        return (stages, self.addr, helo, sender)
 
     def _decide(self, phases: list[list[Stage]]) -> Decision:
         key = self._key(phases)
@@ -355,7 +374,7 @@ class Session:
             self.rt.records.write(
                 record(
                     decision,
-                    client=str(self.client),
+                    client=self.addr,
                     helo=self.helo_raw,
                     sender=self.sender,
                     rcpt=list(self.recipients),
@@ -373,7 +392,7 @@ class Session:
         coro = self.rt.engine.decide(
             self._context(), LiveDns(self.rt.resolver), phases, reuse=reuse, budget=budget
         )
-        return self.rt.resolver.run(coro, timeout=budget + 2.0)
+        return self.rt.resolver.run(coro, timeout=budget + 2.0, inline=True)
 
     def _budget(self) -> float:
         """DNS time left for this MTA callback: one [dns] budget per callback, shared
@@ -401,7 +420,8 @@ class Session:
                 only=["fcrdns"],
                 budget=budget,
             )
-            verified = self.rt.resolver.run(coro, timeout=budget + 2.0).facts("verified")
+            found = self.rt.resolver.run(coro, timeout=budget + 2.0, inline=True)
+            verified = found.facts("verified")
         return tuple(verified or ())
 
     def _verdict(self, decision: Decision, stage: str) -> Step:
@@ -444,12 +464,12 @@ class Session:
             self._log("pass", stage, decision, "")
 
     def _ptr_name(self, decision: Decision | None) -> str:
-        if decision is None or self.client is None:
+        if decision is None or self.ptr_query is None:
             return "unknown"
-        ptr = decision.answers.get(Query.of(reverse_name(self.client), "PTR"))
         verified = decision.facts("verified")
         if verified:
             return str(verified[0])
+        ptr = decision.answers.get(self.ptr_query)
         if ptr is not None and ptr.ok and ptr.records:
             return ptr.records[0]
         return "unknown"
@@ -473,7 +493,7 @@ class Session:
         name = escape(self._ptr_name(decision or name_from), 255)
         if name == "unknown" and self.helo_decision is not None:  # MAIL/RCPT decisions
             name = escape(self._ptr_name(self.helo_decision), 255)
-        addr = str(self.client) if self.client is not None else "unknown"
+        addr = self.addr
         parts = [
             f"{what}: {stage} from {name}[{addr}]: {printable(detail, 600) if detail else 'ok'};"
         ]

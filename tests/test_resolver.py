@@ -258,3 +258,40 @@ def test_parse_nameserver(text: str, parsed: tuple[str, int]) -> None:
 def test_parse_nameserver_rejects(bad: str) -> None:
     with pytest.raises(ValueError):
         parse_nameserver(bad)
+
+
+def test_a_warm_lookup_is_answered_in_the_calling_thread(make_resolver: Any) -> None:
+    """The warm path: no hand-off to the loop thread when the cache has every answer."""
+    import threading
+
+    res = make_resolver()
+
+    async def where() -> tuple[int, Status]:
+        out = await res.lookup_many([GOOD_PTR], res.now() + 2)
+        return threading.get_ident(), out[GOOD_PTR].status
+
+    cold_thread, cold = res.run(where(), timeout=10, inline=True)
+    assert cold is Status.OK
+    assert cold_thread == res._loop_thread != threading.get_ident(), "a miss goes to the loop"
+    fut = res.submit(where(), inline=True)
+    assert fut.done(), "every answer cached: finished before submit returned"
+    warm_thread, warm = fut.result()
+    assert warm is Status.OK and warm_thread == threading.get_ident()
+    # without inline, a coroutine runs on the loop as before
+    loop_thread, _ = res.run(where(), timeout=10)
+    assert loop_thread == res._loop_thread
+
+
+def test_an_inline_lookup_that_hops_to_the_loop_still_times_out(
+    dns_server: DNSServer, make_resolver: Any
+) -> None:
+    dns_server.set_fault("1.71.64.in-addr.arpa", "delay", delay=1.0)
+    res = make_resolver(timeout=4.0)
+
+    async def slow() -> Any:
+        return await res.lookup_many([GOOD_PTR], res.now() + 5)
+
+    with pytest.raises(TimeoutError):
+        res.run(slow(), timeout=0.2, inline=True)
+    time.sleep(1.2)  # the lookup went on in the background and filled the cache
+    assert lookup(res, GOOD_PTR).origin is Origin.CACHE

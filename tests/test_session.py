@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import ipaddress
+import logging
+import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -39,10 +42,26 @@ def test_repeat_sessions_reuse_a_settled_decision(dns_server: DNSServer) -> None
         asked = len(dns_server.queries())
         _, second = session(rt, "103.245.153.249", "mail.digitaljunction.com.au")
         assert first is second is Act.REJECT
-        assert rt.decisions.hits >= 1
+        assert rt.decisions.hits == 2, "the connect-stage findings and the HELO verdict"
         assert len(dns_server.queries()) == asked, "a cached decision asks nothing"
         _, other = session(rt, "103.245.153.249", "other.example.net")
         assert other is Act.REJECT  # another HELO is another decision
+    finally:
+        rt.resolver.close()
+
+
+def test_a_reused_decision_says_so_in_the_log(
+    dns_server: DNSServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    rt = runtime(dns_server)
+    try:
+        with caplog.at_level(logging.INFO, logger="heloguard.decisions"):
+            session(rt, "103.245.153.249", "mail.digitaljunction.com.au")
+            time.sleep(0.2)
+            session(rt, "103.245.153.249", "mail.digitaljunction.com.au")
+        first, second = [r.getMessage() for r in caplog.records if "reject: HELO" in r.getMessage()]
+        assert re.search(r" dns=[1-9]\d*/\d+ ms=\d+$", first), first
+        assert second.endswith(" ms=0") and " dns=0/" in second, second
     finally:
         rt.resolver.close()
 
