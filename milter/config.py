@@ -101,6 +101,9 @@ class DnsConfig:
     negative_min_ttl: int = 5
     negative_max_ttl: int = 3600
     temp_ttl: int = 2
+    # a settled decision on a client stands for its repeat sessions this long
+    # (never longer than the smallest TTL it rests on); 0 turns reuse off
+    reuse_decisions: Duration = Duration(60.0)
 
     def resolver_settings(self) -> ResolverSettings:
         """The resolver's view of this section."""

@@ -93,7 +93,7 @@ class DecisionCache:
 
     The same DNS facts always give the same verdict, and the resolver answers
     the same within a TTL; so a decision is kept for the smallest TTL among
-    the answers it used (at most ``MAX_AGE`` seconds), and only a settled one:
+    the answers it used (at most ``[dns] reuse_decisions``), and only a settled one:
     no TEMP answer, no deferral, no internal error.  Bounded in size; a
     reload builds a new runtime and so an empty cache.
     """
@@ -101,7 +101,10 @@ class DecisionCache:
     MAX_AGE = 60.0
     SIZE = 4096
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, clock: Callable[[], float] = time.monotonic, max_age: float = MAX_AGE
+    ) -> None:
+        self.max_age = max_age
         self._lock = threading.Lock()
         self._cache: TLRUCache[tuple[object, ...], tuple[Decision, float]] = TLRUCache(
             maxsize=self.SIZE, ttu=lambda _k, v, _now: v[1], timer=clock
@@ -125,7 +128,7 @@ class DecisionCache:
         if any(a.temp for a in decision.answers.values()):
             return
         ttls = [a.ttl for a in decision.answers.values()]
-        age = min([self.MAX_AGE, *ttls])
+        age = min([self.max_age, *ttls])
         if age <= 0:
             return
         with self._lock:
@@ -166,6 +169,7 @@ class Runtime:
             resolver=res,
             gate=Gate.from_config(config),
             greylist=grey,
+            decisions=DecisionCache(max_age=float(config.dns.reuse_decisions)),
         )
 
     @property
