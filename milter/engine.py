@@ -51,6 +51,8 @@ from heloguard.rules.base import Answers, Check, Context, Outcome, Reply, Result
 log = logging.getLogger("heloguard.engine")
 
 INTERNAL_ERROR = Reply(451, "4.3.0", "Temporary local problem; try again later")
+# A phase that did not finish in time (the daemon is overloaded): defer, never refuse.
+OVERDUE = Reply(451, "4.4.3", "Temporary problem checking your host; try again later")
 
 
 class Verdict(StrEnum):
@@ -158,6 +160,7 @@ class Decision:
     elapsed: float = 0.0
     exempt: str = ""  # why the client is not judged (trusted, exception...), if so
     reused: bool = False  # taken from a recent identical decision: nothing was asked
+    overdue: str = ""  # not finished in time (overload): why; deferred, rests on no facts
 
     def reuse(self) -> Decision:
         """A copy standing for a repeat of this decision: no DNS sent, no time taken."""
@@ -314,6 +317,17 @@ class Engine:
         deciding.answers = answers
         deciding.elapsed = time.monotonic() - started
         return deciding
+
+    def overdue(self, reason: str, phases: Sequence[Sequence[Stage]]) -> Decision:
+        """The decision for a phase that did not finish in time: a deferral (in warn
+        mode only logged), never a refusal, since it rests on no DNS facts."""
+        last = max((s for p in phases for s in p), default=Stage.HELO)
+        decision = self._combine([], max(last, Stage.HELO))
+        decision.enforced, decision.enforced_reply = Verdict.TEMPFAIL, OVERDUE
+        if self.config.policy.mode is not Mode.WARN:
+            decision.verdict, decision.reply = Verdict.TEMPFAIL, OVERDUE
+        decision.overdue = reason
+        return decision
 
     def exempt(self, reason: str, phases: Sequence[Sequence[Stage]]) -> Decision:
         """The decision for a client that is not judged at all."""

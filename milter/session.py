@@ -374,7 +374,7 @@ class Session:
             self.rt.decisions.put(key, decision)
         if self.rt.metrics is not None:
             self.rt.metrics.decided(decision)
-        if self.rt.records is not None and self.client is not None:
+        if self.rt.records is not None and self.client is not None and not decision.overdue:
             self.rt.records.write(
                 record(
                     decision,
@@ -396,7 +396,15 @@ class Session:
         coro = self.rt.engine.decide(
             self._context(), LiveDns(self.rt.resolver), phases, reuse=reuse, budget=budget
         )
-        return self.rt.resolver.run(coro, timeout=budget + 2.0, inline=True)
+        wait = budget + 2.0
+        try:
+            return self.rt.resolver.run(coro, timeout=wait, inline=True)
+        except concurrent.futures.TimeoutError:
+            # The DNS budget bounds the lookups; only a daemon short of CPU gets here.
+            stage = "+".join(s.name for p in phases for s in p)
+            why = f"no {stage} decision after {wait:.1f} s: overloaded"
+            log.warning("overload: client [%s]: %s; deferring", self.addr, why)
+            return self.rt.engine.overdue(why, phases)
 
     def _budget(self) -> float:
         """DNS time left for this MTA callback: one [dns] budget per callback, shared
@@ -509,6 +517,8 @@ class Session:
             parts.append(f"to=<{escape(self.recipients[-1], 255)}>")
         if decision is not None:
             rule = decision.rule or (decision.enforced_reply and _enforced_rule(decision))
+            if decision.overdue:
+                rule = "overload"
             if rule:
                 parts.append(f"rule={rule}")
             if warned:

@@ -38,7 +38,9 @@ def session(rt: Runtime, ip: str, helo: str) -> tuple[Session, Act]:
 def test_repeat_sessions_reuse_a_settled_decision(dns_server: DNSServer) -> None:
     rt = runtime(dns_server)
     try:
-        _, first = session(rt, "103.245.153.249", "mail.digitaljunction.com.au")
+        one, first = session(rt, "103.245.153.249", "mail.digitaljunction.com.au")
+        assert one.prefetch is not None
+        one.prefetch.result(timeout=10)  # the connect-stage lookups may outlast the HELO verdict
         asked = len(dns_server.queries())
         _, second = session(rt, "103.245.153.249", "mail.digitaljunction.com.au")
         assert first is second is Act.REJECT
@@ -117,3 +119,34 @@ def test_pool_sender_retry_from_another_address_passes(
     assert not g.check(first_key, "news@firemountain.net", "bob@example.test").passed
     now[0] += 600
     assert g.check(retry_key, "news@firemountain.net", "bob@example.test").passed
+
+
+def test_a_decision_not_ready_in_time_is_deferred_not_a_crash(
+    dns_server: DNSServer, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A daemon short of CPU: the phase outlives budget + margin.  That is a 4xx with
+    its reason in the log, never an internal error, and never a refusal."""
+    import concurrent.futures
+
+    rt = runtime(dns_server)
+    try:
+
+        def starved(coro: Any, timeout: float | None = None, *, inline: bool = False) -> Any:
+            coro.close()
+            raise concurrent.futures.TimeoutError
+
+        monkeypatch.setattr(rt.resolver, "run", starved)
+        with caplog.at_level(logging.INFO, logger="heloguard"):
+            s = Session(rt)
+            s.connect("103.245.153.249", "mx")  # the prefetch goes by submit, unaffected
+            step = s.helo("mail.digitaljunction.com.au")
+        assert step.act is Act.TEMPFAIL
+        assert step.reply is not None and (step.reply.code, step.reply.status) == (451, "4.4.3")
+        lines = [r.getMessage() for r in caplog.records]
+        assert any(line.startswith("overload: client [103.245.153.249]") for line in lines)
+        decided = [line for line in lines if line.startswith("tempfail: HELO")]
+        assert len(decided) == 1 and "rule=overload" in decided[0], decided
+        assert not any("callback failed" in line or "Traceback" in line for line in lines)
+        assert rt.decisions.get(s._key([[Stage.CONNECT, Stage.HELO]])) is None, "never cached"
+    finally:
+        rt.resolver.close()
