@@ -19,11 +19,13 @@ DEB_BUILD := libmilter-dev gcc
 # NSD (a third-party DNS server for tests/test_foreign_dns.py) is installed by
 # that test itself, with service start-up blocked so it never takes port 53.
 # man-db and groff-base: tests/test_docs.py renders the man pages.
+# postgresql: the greylist's PostgreSQL backend is tested against a real server,
+# a throwaway cluster the tests start from its binaries (tests/pgserver.py).
 DEB_TEST  := postfix libsasl2-modules iproute2 util-linux sqlite3 man-db groff-base \
-             libdb5.3 libldap-2.5-0 libnsl2 libsasl2-2 libssl3
+             libdb5.3 libldap-2.5-0 libnsl2 libsasl2-2 libssl3 postgresql
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: all venv run test lint type unit bench clean deps-build deps-test
+.PHONY: all venv run test lint type unit bench clean deps-build deps-test soak
 
 all: test
 

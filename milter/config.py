@@ -215,11 +215,23 @@ class ExceptionsConfig:
                 raise ValueError(f"names: not a host or domain name: {name!r}")
 
 
+MAX_DB_TIMEOUT = 5.0  # [greylist] db_timeout: well inside the MTA's milter timeouts (10 s and more)
+
+
 @dataclass(frozen=True, slots=True)
 class GreylistConfig:
-    """[greylist]: present means greylisting is on."""
+    """[greylist]: present means greylisting is on.
 
-    database: str = "/var/lib/heloguard/greylist.sqlite"
+    ``backend`` picks the store: ``"sqlite"`` (``database``, a file of this
+    host's own) or ``"postgresql"`` (``dsn``, one database that every MX host
+    shares; ``db_timeout`` bounds each decision, ``pool_size`` the connections).
+    """
+
+    backend: Literal["sqlite", "postgresql"] = "sqlite"
+    database: str = "/var/lib/heloguard/greylist.sqlite"  # SQLite only
+    dsn: str = ""  # PostgreSQL only: a libpq connection string or URI
+    db_timeout: Duration = Duration(0.5)  # PostgreSQL only: the longest a decision waits for it
+    pool_size: int = 8  # PostgreSQL only: connections per heloguard process, at most
     delay: Duration = Duration(300.0)
     retry_window: Duration = Duration(2 * 86400.0)
     expire: Duration = Duration(35 * 86400.0)
@@ -240,6 +252,40 @@ class GreylistConfig:
             raise ValueError("retry_window must be longer than delay")
         if self.purge_batch < 1:
             raise ValueError("purge_batch must be at least 1")
+        if not 0 < self.db_timeout <= MAX_DB_TIMEOUT:
+            raise ConfigError(
+                "greylist.db_timeout",
+                f"must be more than 0 and at most {MAX_DB_TIMEOUT:g} s: the MTA waits for the "
+                "milter meanwhile",
+            )
+        if self.pool_size < 1:
+            raise ConfigError("greylist.pool_size", "must be at least 1")
+        if self.backend == "postgresql":
+            self._check_postgresql()
+
+    def _check_postgresql(self) -> None:
+        """A dsn is required and must parse; psycopg must be installed."""
+        if not self.dsn.strip():
+            raise ConfigError(
+                "greylist.dsn",
+                'required with backend = "postgresql": a libpq connection string such as '
+                '"host=db.example.net dbname=heloguard user=heloguard"',
+            )
+        try:
+            from psycopg import ProgrammingError
+            from psycopg.conninfo import conninfo_to_dict
+        except ImportError:
+            raise ConfigError(
+                "greylist.backend",
+                '"postgresql" needs the Python package psycopg: '
+                "pip install 'heloguard[postgresql]'",
+            ) from None
+        try:
+            conninfo_to_dict(self.dsn)
+        except ProgrammingError as exc:
+            raise ConfigError(
+                "greylist.dsn", f"not a libpq connection string: {' '.join(str(exc).split())}"
+            ) from None
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from enum import Enum
 from typing import Any
 
@@ -24,10 +25,23 @@ def _value(v: Any) -> str:
     return json.dumps(str(v))
 
 
+# A PostgreSQL password in a DSN, as a URI (user:secret@) or a keyword (password=secret).
+_URI_PASSWORD = re.compile(r"(://[^:/@?#]*:)[^@/?#]*@")
+_KEY_PASSWORD = re.compile(r"(\bpassword\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)
+
+
+def redact_dsn(dsn: str) -> str:
+    """A DSN as it may be printed: any password replaced by ``***``."""
+    return _KEY_PASSWORD.sub(r"\1***", _URI_PASSWORD.sub(r"\1***@", dsn))
+
+
 def _table(name: str, obj: Any) -> list[str]:
     lines = [f"[{name}]"]
     for f in dataclasses.fields(obj):
-        lines.append(f"{f.name} = {_value(getattr(obj, f.name))}")
+        value = getattr(obj, f.name)
+        if f.name == "dsn" and isinstance(value, str):
+            value = redact_dsn(value)
+        lines.append(f"{f.name} = {_value(value)}")
     return lines
 
 

@@ -270,7 +270,7 @@ def _overrides(config: Config, args: argparse.Namespace) -> Config:
     grey_db = getattr(args, "greylist", None)
     if grey_db:
         base = config.greylist or GreylistConfig()
-        config = replace(config, greylist=replace(base, database=grey_db))
+        config = replace(config, greylist=replace(base, backend="sqlite", database=grey_db))
     if args.socket:
         config = replace(config, milter=replace(config.milter, socket=args.socket))
         config.milter.validate()
@@ -361,8 +361,9 @@ def _apply(holder: RuntimeHolder, new: Config, args: argparse.Namespace) -> None
 def _state_files(config: Config) -> list[Path]:
     """The files the daemon writes (greylist database, decision records)."""
     files = []
-    if config.greylist is not None and not config.greylist.database.startswith("file:"):
-        files.append(Path(config.greylist.database))
+    grey = config.greylist
+    if grey is not None and grey.backend == "sqlite" and not grey.database.startswith("file:"):
+        files.append(Path(grey.database))
     if config.log.decisions:
         files.append(Path(config.log.decisions))
     return files
@@ -375,7 +376,7 @@ def _start_greylist(runtime: Runtime) -> None:
         return
     try:
         grey.connect().close()
-        log.info("greylisting with %s", grey.cfg.database)
+        log.info("greylisting with %s", grey.describe())
     except StoreError as exc:  # the message says it all
         log.error("greylist database unusable (%s); on_error = %s", exc, grey.cfg.on_error)  # noqa: TRY400
     grey.start_purger()
@@ -427,12 +428,26 @@ def _version() -> str:
     return __version__
 
 
-def greylist_command(args: argparse.Namespace) -> int:
-    """``heloguard greylist list|stats|allow|delete|purge``."""
+def _greylist_config(args: argparse.Namespace) -> GreylistConfig:
+    """[greylist] of the config file, with --database or --dsn applied."""
     config = load(Path(args.config) if args.config else None)
     cfg = config.greylist or GreylistConfig()
+    if args.database and args.dsn:
+        raise ConfigError("--dsn", "give --database (SQLite) or --dsn (PostgreSQL), not both")
     if args.database:
-        cfg = replace(cfg, database=args.database)
+        cfg = replace(cfg, backend="sqlite", database=args.database)
+    if args.dsn:
+        cfg = replace(cfg, backend="postgresql", dsn=args.dsn)
+        try:
+            cfg.validate()
+        except ValueError as exc:
+            raise ConfigError("--dsn", str(exc)) from None
+    return cfg
+
+
+def greylist_command(args: argparse.Namespace) -> int:
+    """``heloguard greylist list|stats|allow|delete|purge|copy``, on either backend."""
+    cfg = _greylist_config(args)
     store = Greylist(cfg)
     try:
         command = args.greylist_command
@@ -453,11 +468,33 @@ def greylist_command(args: argparse.Namespace) -> int:
         elif command == "delete":
             key = admin_key(args.client, cfg)
             print(f"deleted {store.delete(key)} rows for {key}")
+        elif command == "copy":
+            return _greylist_copy(store, Path(args.source))
     except StoreError as exc:
         print(f"heloguard: greylist database error: {exc}", file=sys.stderr)
         return 1
     finally:
         store.close()
+    return 0
+
+
+def _greylist_copy(store: Greylist, path: Path) -> int:
+    """Merge an SQLite greylist file into the configured store (a one-shot migration)."""
+    if not path.is_file():
+        print(f"heloguard: {path}: no such SQLite file", file=sys.stderr)
+        return 1
+    target = store.cfg
+    if target.backend == "sqlite" and Path(target.database).resolve() == path.resolve():
+        print(f"heloguard: {path} is the configured store itself", file=sys.stderr)
+        return 1
+    # read-only: the source is never changed, and may be in use by a running milter
+    ro = replace(target, backend="sqlite", database=f"{path.resolve().as_uri()}?mode=ro")
+    source = Greylist(ro)
+    try:
+        triplets, clients = store.copy_from(source)
+    finally:
+        source.close()
+    print(f"copied {triplets} triplets and {clients} clients from {path} to {store.describe()}")
     return 0
 
 
@@ -486,7 +523,7 @@ def add_commands(
     srv.add_argument(
         "--greylist",
         metavar="DB",
-        help="greylist with this SQLite file (overrides [greylist] database)",
+        help="greylist with this SQLite file (overrides [greylist] backend and database)",
     )
     srv.set_defaults(func=serve)
     grey = sub.add_parser(
@@ -496,7 +533,14 @@ def add_commands(
         "--config", metavar="FILE", help="config file (default /etc/heloguard/heloguard.toml)"
     )
     grey.add_argument(
-        "--database", metavar="PATH", help="the SQLite file (overrides [greylist] database)"
+        "--database",
+        metavar="PATH",
+        help="this SQLite file (overrides [greylist] backend and database)",
+    )
+    grey.add_argument(
+        "--dsn",
+        metavar="DSN",
+        help="this PostgreSQL database (overrides [greylist] backend and dsn)",
     )
     gsub = grey.add_subparsers(dest="greylist_command", required=True)
     gsub.add_parser("list", help="the most recent triplets").set_defaults(func=greylist_command)
@@ -506,6 +550,11 @@ def add_commands(
         p = gsub.add_parser(verb, help=text)
         p.add_argument("client", metavar="ADDR|CIDR|DOMAIN")
         p.set_defaults(func=greylist_command)
+    cp = gsub.add_parser(
+        "copy", help="merge an SQLite greylist file into the configured store (migration)"
+    )
+    cp.add_argument("--from", dest="source", metavar="PATH", required=True, help="the SQLite file")
+    cp.set_defaults(func=greylist_command)
     rel = sub.add_parser("reload", help="validate the config file and make the daemon reload it")
     rel.add_argument(
         "--config", metavar="FILE", help="config file (default /etc/heloguard/heloguard.toml)"

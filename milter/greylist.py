@@ -19,14 +19,34 @@ it hurts bots rather than big senders:
   last use; a client that passed 5 times (at most one counted per hour) is
   whitelisted as a whole for 35 days.
 
-The store is SQLite (stdlib sqlite3) in WAL mode with a busy timeout, one
-connection per thread, every decision one ``BEGIN IMMEDIATE`` transaction,
-so writes from many libmilter threads are safe and a crash loses at most the
-decisions in flight.  The schema is versioned (``PRAGMA user_version``) and
-migrated step by step.  Expired rows are purged in small batches.  When the
-database is locked, read-only, full or corrupt, heloguard logs the fault and
-follows ``on_error`` (``accept`` without greylisting, default, or
-``tempfail``); the file is never deleted or rewritten.
+Two stores, one behaviour.  :class:`Greylist` holds every decision (new,
+too early, passed, known, whitelisted; pass counting; expiry; the admin
+operations) once, as SQL that both backends run; a :class:`Backend` only
+opens connections and transactions, migrates its schema and supplies the
+few words of SQL that differ:
+
+* SQLite (default, :class:`SqliteBackend`): stdlib sqlite3 in WAL mode with
+  a busy timeout, one connection per thread, every decision one ``BEGIN
+  IMMEDIATE`` transaction, so writes from many libmilter threads are safe
+  and a crash loses at most the decisions in flight.  The schema is
+  versioned (``PRAGMA user_version``) and migrated step by step.
+* PostgreSQL (``heloguard.greylist_pg``, imported only when configured):
+  one database shared by every MX host, so a retry first seen by one host
+  passes on another.  See that module.
+
+Every row a decision changes is written with an upsert (``INSERT ... ON
+CONFLICT``) or read with a row lock, so two hosts deciding on the same
+triplet at the same moment agree: exactly one of them sees the first
+attempt.  Expired rows are purged in small batches, by one host at a time.
+
+Failures: when the store cannot be used (SQLite locked, read-only, full or
+corrupt; PostgreSQL down, unreachable or too slow), the decision follows
+``on_error`` (``accept`` without greylisting, default, or ``tempfail``), is
+counted in ``faults`` (and by the caller in the greylist metric, outcome
+``error``), and is logged: once when the trouble starts, again for each new
+kind of failure and every minute while it lasts, and once when the store
+works again.  Nothing is restarted: the next decision simply tries again.
+A database file is never deleted or rewritten.
 
 The clock is injectable so tests travel through delay, window and expiry.
 """
@@ -40,10 +60,12 @@ import re
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, ClassVar, Protocol, TypeVar
 
 from heloguard.answers import IPAddress
 from heloguard.config import GreylistConfig
@@ -54,6 +76,10 @@ from heloguard.rules.base import Reply
 
 log = logging.getLogger("heloguard.greylist")
 
+T = TypeVar("T")
+
+# The logical schema; each backend migrates its own tables to this version
+# (SQLite: MIGRATIONS below; PostgreSQL: greylist_pg.PG_MIGRATIONS).
 SCHEMA_VERSION = 1
 MIGRATIONS: dict[int, tuple[str, ...]] = {
     # version reached -> statements that reach it from the one before
@@ -70,13 +96,19 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
             allowed_by_admin INTEGER NOT NULL DEFAULT 0) WITHOUT ROWID""",
     ),
 }
-SQL_CLIENT = (
-    "SELECT passes, last_counted, whitelisted_until, allowed_by_admin FROM clients WHERE client=?"
-)
+PASS_COUNT_INTERVAL = 3600  # at most one pass per client per hour counts towards the whitelist
+FAULT_REPORT_INTERVAL = 60.0  # while the store keeps failing, a summary line this often
+
+# The SQL of every decision, shared by both backends: "?" placeholders (the
+# PostgreSQL backend turns them into "%s"), and nothing either dialect lacks.
+SQL_CLIENT = "SELECT whitelisted_until, allowed_by_admin FROM clients WHERE client=?"
 SQL_TRIPLET = (
     "SELECT first_seen, last_seen, passed_at FROM triplets WHERE client=? AND sender=? AND rcpt=?"
 )
-SQL_INSERT = "INSERT INTO triplets (client, sender, rcpt, first_seen, last_seen) VALUES (?,?,?,?,?)"
+SQL_INSERT = (
+    "INSERT INTO triplets (client, sender, rcpt, first_seen, last_seen) VALUES (?,?,?,?,?) "
+    "ON CONFLICT (client, sender, rcpt) DO NOTHING RETURNING 1"
+)
 SQL_TOUCH = (
     "UPDATE triplets SET last_seen=?, attempts=attempts+1 WHERE client=? AND sender=? AND rcpt=?"
 )
@@ -88,7 +120,65 @@ SQL_RESTART = (
     "UPDATE triplets SET first_seen=?, last_seen=?, passed_at=NULL, attempts=1 "
     "WHERE client=? AND sender=? AND rcpt=?"
 )
-PASS_COUNT_INTERVAL = 3600  # at most one pass per client per hour counts towards the whitelist
+# One statement counts a pass, at most once per PASS_COUNT_INTERVAL, and says
+# the new count (no row back: not counted), so concurrent passes never lose one.
+SQL_COUNT_PASSES = (
+    "INSERT INTO clients (client, passes, last_counted) VALUES (?, 1, ?) "
+    "ON CONFLICT (client) DO UPDATE SET passes = clients.passes + 1, "
+    "last_counted = excluded.last_counted "
+    "WHERE excluded.last_counted - clients.last_counted >= 3600 "  # PASS_COUNT_INTERVAL
+    "RETURNING passes"
+)
+SQL_WHITELIST = "UPDATE clients SET whitelisted_until=? WHERE client=?"
+SQL_PURGE_TRIPLETS = (
+    "DELETE FROM triplets WHERE (client, sender, rcpt) IN ("
+    " SELECT client, sender, rcpt FROM triplets"
+    " WHERE (passed_at IS NULL AND first_seen < ?) OR last_seen < ? LIMIT ?{lock})"
+)
+SQL_PURGE_CLIENTS = (
+    "DELETE FROM clients WHERE allowed_by_admin = 0 AND last_counted < ? "
+    "AND (whitelisted_until IS NULL OR whitelisted_until < ?)"
+)
+SQL_ALLOW = (
+    "INSERT INTO clients (client, passes, last_counted, allowed_by_admin) "
+    "VALUES (?, 0, ?, 1) ON CONFLICT (client) DO UPDATE SET allowed_by_admin = 1"
+)
+# Copying between stores: every column, merged so that a copy run twice, or
+# two hosts' stores copied into one, keep the union of what each knew (the
+# earliest first attempt and pass, the latest use, the larger counts).
+SQL_EXPORT_TRIPLETS = (
+    "SELECT client, sender, rcpt, first_seen, last_seen, passed_at, attempts FROM triplets"
+)
+SQL_EXPORT_CLIENTS = (
+    "SELECT client, passes, last_counted, whitelisted_until, allowed_by_admin FROM clients"
+)
+SQL_MERGE_TRIPLET = (
+    "INSERT INTO triplets (client, sender, rcpt, first_seen, last_seen, passed_at, attempts) "
+    "VALUES (?,?,?,?,?,?,?) "
+    "ON CONFLICT (client, sender, rcpt) DO UPDATE SET "
+    "first_seen = CASE WHEN excluded.first_seen < triplets.first_seen "
+    "THEN excluded.first_seen ELSE triplets.first_seen END, "
+    "last_seen = CASE WHEN excluded.last_seen > triplets.last_seen "
+    "THEN excluded.last_seen ELSE triplets.last_seen END, "
+    "passed_at = CASE WHEN triplets.passed_at IS NULL OR excluded.passed_at < triplets.passed_at "
+    "THEN excluded.passed_at ELSE triplets.passed_at END, "
+    "attempts = CASE WHEN excluded.attempts > triplets.attempts "
+    "THEN excluded.attempts ELSE triplets.attempts END"
+)
+SQL_MERGE_CLIENT = (
+    "INSERT INTO clients (client, passes, last_counted, whitelisted_until, allowed_by_admin) "
+    "VALUES (?,?,?,?,?) "
+    "ON CONFLICT (client) DO UPDATE SET "
+    "passes = CASE WHEN excluded.passes > clients.passes "
+    "THEN excluded.passes ELSE clients.passes END, "
+    "last_counted = CASE WHEN excluded.last_counted > clients.last_counted "
+    "THEN excluded.last_counted ELSE clients.last_counted END, "
+    "whitelisted_until = CASE WHEN clients.whitelisted_until IS NULL "
+    "OR excluded.whitelisted_until > clients.whitelisted_until "
+    "THEN excluded.whitelisted_until ELSE clients.whitelisted_until END, "
+    "allowed_by_admin = CASE WHEN excluded.allowed_by_admin > clients.allowed_by_admin "
+    "THEN excluded.allowed_by_admin ELSE clients.allowed_by_admin END"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,7 +192,17 @@ class Outcome:
 
 
 class StoreError(Exception):
-    """The database could not be used (locked, read-only, full, corrupt...)."""
+    """The database could not be used (locked, read-only, full, corrupt, down, slow...).
+
+    ``unavailable``: the database could not be reached or did not answer in
+    time (as opposed to refusing a statement).  ``retry``: the connection
+    broke, so the same work may be tried once more on another connection.
+    """
+
+    def __init__(self, message: str, *, unavailable: bool = False, retry: bool = False) -> None:
+        super().__init__(message)
+        self.unavailable = unavailable
+        self.retry = retry
 
 
 # -- who and what ---------------------------------------------------------------
@@ -182,21 +282,101 @@ def admin_key(text: str, cfg: GreylistConfig) -> str:
     return f"domain:{text.rstrip('.')}"
 
 
-# -- the store ------------------------------------------------------------------
+# -- the backends ----------------------------------------------------------------
 
 
-class Greylist:
-    """The greylist store and its decisions."""
+class Cursor(Protocol):
+    """What a statement gives back (sqlite3's and psycopg's cursors both fit)."""
 
-    def __init__(self, cfg: GreylistConfig, *, clock: Callable[[], float] = time.time) -> None:
+    @property
+    def rowcount(self) -> int:
+        """Rows a DELETE or UPDATE changed."""
+        ...
+
+    def fetchone(self) -> Any:
+        """The next row, or None."""
+        ...
+
+    def fetchmany(self, size: int = ..., /) -> list[Any]:
+        """Up to ``size`` more rows."""
+        ...
+
+
+class Tx(Protocol):
+    """One open transaction: statements with "?" placeholders."""
+
+    def execute(self, sql: str, parameters: Sequence[Any] = ..., /) -> Cursor:
+        """Run one statement."""
+        ...
+
+    def executemany(self, sql: str, seq_of_parameters: Sequence[Sequence[Any]], /) -> object:
+        """Run one statement for each row of parameters."""
+        ...
+
+
+class Closeable(Protocol):
+    """A connection, as far as a caller of connect() cares."""
+
+    def close(self) -> None:
+        """Close it."""
+        ...
+
+
+class Backend(ABC):
+    """The store interface: connections, transactions, schema, and dialect.
+
+    Both backends run the same SQL (``SQL_*`` above) through :meth:`transaction`
+    and must give the same results; they differ only in how they connect,
+    migrate, lock and time out.  Every database failure leaves a backend as a
+    :class:`StoreError`.
+    """
+
+    name: ClassVar[str]
+    #: appended to the SELECT of a row that the decision will change
+    for_update: ClassVar[str] = ""
+    #: appended to the purge's choice of rows: rows being decided are left for later
+    skip_locked: ClassVar[str] = ""
+
+    @abstractmethod
+    def transaction(
+        self, *, write: bool = True, housekeeping: bool = False
+    ) -> AbstractContextManager[Tx]:
+        """One transaction; in ``housekeeping`` (purge, admin, copy) it may wait longer."""
+
+    @abstractmethod
+    def connect(self) -> Closeable:
+        """A new connection to a database migrated to the current schema (raises StoreError)."""
+
+    def guarded(self, decide: Callable[[], T]) -> T:
+        """Run one decision within the backend's time limit (raises StoreError)."""
+        return decide()
+
+    @contextmanager
+    def expiry_lock(self) -> Iterator[bool]:
+        """Hold the right to purge; False when another host is purging now."""
+        yield True
+
+    @abstractmethod
+    def describe(self) -> str:
+        """Where the store is, for the log (never a password)."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release what this backend holds (for the calling thread, or all of it)."""
+
+
+class SqliteBackend(Backend):
+    """SQLite in WAL mode: one connection per thread, BEGIN IMMEDIATE per decision."""
+
+    name = "sqlite"
+
+    def __init__(self, cfg: GreylistConfig) -> None:
         self.cfg = cfg
-        self.clock = clock
         self._local = threading.local()
-        self._purger: threading.Thread | None = None
-        self._stop = threading.Event()
-        self.faults = 0  # store failures seen (for the log and the metrics)
 
-    # -- connections ------------------------------------------------------
+    def describe(self) -> str:
+        """The database file."""
+        return f"SQLite {self.cfg.database}"
 
     def _uri(self) -> tuple[str, bool]:
         db = self.cfg.database
@@ -263,11 +443,13 @@ class Greylist:
                 conn.close()
 
     @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
-        """One BEGIN IMMEDIATE transaction; any database failure becomes StoreError."""
+    def transaction(
+        self, *, write: bool = True, housekeeping: bool = False
+    ) -> Iterator[sqlite3.Connection]:
+        """One transaction (BEGIN IMMEDIATE to write); any database failure becomes StoreError."""
         try:
             conn = self._conn()
-            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
         except sqlite3.Error as exc:
             self._drop_conn()
             raise StoreError(str(exc)) from exc
@@ -284,39 +466,137 @@ class Greylist:
             conn.execute("ROLLBACK")
             raise
 
+    def close(self) -> None:
+        """Close this thread's connection."""
+        self._drop_conn()
+
+
+def backend_for(cfg: GreylistConfig) -> Backend:
+    """The backend that ``[greylist] backend`` names (PostgreSQL's module is imported only here)."""
+    if cfg.backend == "postgresql":
+        from heloguard.greylist_pg import PgBackend
+
+        return PgBackend(cfg)
+    return SqliteBackend(cfg)
+
+
+# -- the store ------------------------------------------------------------------
+
+
+class Greylist:
+    """The greylist: every decision, on whichever backend the configuration names."""
+
+    def __init__(
+        self,
+        cfg: GreylistConfig,
+        *,
+        clock: Callable[[], float] = time.time,
+        backend: Backend | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.clock = clock
+        self.backend = backend if backend is not None else backend_for(cfg)
+        self._purger: threading.Thread | None = None
+        self._stop = threading.Event()
+        self.faults = 0  # store failures seen (for the log and the metrics)
+        self._fault_lock = threading.Lock()
+        self._failing_since: float | None = None  # monotonic; None while the store works
+        self._failed = 0  # decisions that followed on_error in the current trouble
+        self._seen: set[str] = set()  # reasons already logged in the current trouble
+        self._reported = 0.0
+
+    def describe(self) -> str:
+        """Where the store is, for the log."""
+        return self.backend.describe()
+
+    def connect(self) -> Closeable:
+        """A new connection, migrated to the current schema (raises StoreError)."""
+        return self.backend.connect()
+
+    # -- failures -----------------------------------------------------------
+
+    def _fault(self, exc: StoreError) -> Outcome:
+        """Count a failed decision, log it (once per kind of trouble), follow on_error."""
+        now = time.monotonic()
+        reason = str(exc)
+        with self._fault_lock:
+            self.faults += 1
+            first = self._failing_since is None
+            if first:
+                self._failing_since, self._failed, self._seen = now, 0, set()
+                self._reported = now
+            self._failed += 1
+            new = reason not in self._seen and len(self._seen) < 20
+            self._seen.add(reason)
+            summary = not new and now - self._reported >= FAULT_REPORT_INTERVAL
+            if new or summary:
+                self._reported = now
+            failed, since = self._failed, now - (self._failing_since or now)
+        policy = self.cfg.on_error
+        # a known kind of failure: the message says it all, no traceback
+        if new:
+            log.error("greylist database failure (%s); on_error = %s", reason, policy)
+        elif summary:
+            log.error(
+                "greylist database still failing (%s) after %.0f s; failed=%d on_error=%s",
+                reason,
+                since,
+                failed,
+                policy,
+            )
+        return Outcome(policy == "accept", f"database failure: {reason}", error=True)
+
+    def _works(self) -> None:
+        """The store answered: end a period of failures, if there was one."""
+        if self._failing_since is not None:
+            self._end_trouble()
+
+    def _end_trouble(self) -> None:
+        """Say once that the store works again."""
+        with self._fault_lock:
+            started, failed = self._failing_since, self._failed
+            self._failing_since = None
+        if started is None:  # another thread said it
+            return
+        log.warning(
+            "greylist database works again after %.0f s; failed=%d on_error=%s",
+            time.monotonic() - started,
+            failed,
+            self.cfg.on_error,
+        )
+
     # -- decisions --------------------------------------------------------
 
     def check(self, client: str, sender: str, rcpt: str) -> Outcome:
         """Record this attempt and say whether it passes (never raises)."""
+        sender, rcpt = normalize_sender(sender), rcpt.strip().strip("<>").lower()
         try:
-            return self._check(client, normalize_sender(sender), rcpt.strip().strip("<>").lower())
+            outcome = self.backend.guarded(lambda: self._check(client, sender, rcpt))
         except StoreError as exc:
-            self.faults += 1
-            # a known kind of failure: the message says it all, no traceback
-            log.error("greylist database failure (%s); on_error = %s", exc, self.cfg.on_error)  # noqa: TRY400
-            return Outcome(self.cfg.on_error == "accept", f"database failure: {exc}", error=True)
+            return self._fault(exc)
+        self._works()
+        return outcome
 
     def _check(self, client: str, sender: str, rcpt: str) -> Outcome:
         cfg = self.cfg
         now = int(self.clock())
         key = (client, sender, rcpt)
-        with self.transaction() as db:
+        with self.backend.transaction() as db:
             row = db.execute(SQL_CLIENT, (client,)).fetchone()
-            if row and (row[3] or (row[2] is not None and row[2] > now)):
+            if row and (row[1] or (row[0] is not None and row[0] > now)):
                 why = (
-                    "allowed by an admin" if row[3] else "client whitelisted after repeated passes"
+                    "allowed by an admin" if row[1] else "client whitelisted after repeated passes"
                 )
-                self._count_pass(db, client, now, row)
+                self._count_pass(db, client, now)
                 return Outcome(True, why)
-            t = db.execute(SQL_TRIPLET, key).fetchone()
+            t = self._lock_triplet(db, key, now)
             if t is None:
-                db.execute(SQL_INSERT, (*key, now, now))
                 return Outcome(False, "first attempt", int(cfg.delay))
             first, last, passed_at = t
             if passed_at is not None:
                 if now - last <= cfg.expire:
                     db.execute(SQL_TOUCH, (now, *key))
-                    self._count_pass(db, client, now, row)
+                    self._count_pass(db, client, now)
                     return Outcome(True, "known triplet")
                 return self._restart(db, key, now, "passed triplet expired")
             elapsed = now - first
@@ -327,57 +607,55 @@ class Greylist:
             if elapsed > cfg.retry_window:
                 return self._restart(db, key, now, "retry came after the retry window")
             db.execute(SQL_PASSED, (now, now, *key))
-            self._count_pass(db, client, now, row)
+            self._count_pass(db, client, now)
             return Outcome(True, f"retried after {elapsed}s")
 
-    def _restart(
-        self, db: sqlite3.Connection, key: tuple[str, str, str], now: int, why: str
-    ) -> Outcome:
+    def _lock_triplet(
+        self, db: Tx, key: tuple[str, str, str], now: int
+    ) -> tuple[int, int, int | None] | None:
+        """The triplet as it was, locked for this transaction; None: this attempt created it.
+
+        Two hosts seeing a new triplet at once: one INSERT wins, the other does
+        nothing (ON CONFLICT), then finds the winner's row and waits for its lock.
+        """
+        select = SQL_TRIPLET + self.backend.for_update
+        for _ in range(3):
+            t = db.execute(select, key).fetchone()
+            if t is not None:
+                return (int(t[0]), int(t[1]), None if t[2] is None else int(t[2]))
+            if db.execute(SQL_INSERT, (*key, now, now)).fetchone() is not None:
+                return None
+            # inserted by someone else since our SELECT (and maybe purged again): look again
+        raise StoreError("a triplet kept appearing and vanishing under this decision")
+
+    def _restart(self, db: Tx, key: tuple[str, str, str], now: int, why: str) -> Outcome:
         db.execute(SQL_RESTART, (now, now, *key))
         return Outcome(False, f"{why}; starting over", int(self.cfg.delay))
 
-    def _count_pass(
-        self, db: sqlite3.Connection, client: str, now: int, row: tuple[int, ...] | None
-    ) -> None:
+    def _count_pass(self, db: Tx, client: str, now: int) -> None:
         if self.cfg.auto_whitelist <= 0:
             return
-        if row is None:
-            db.execute(
-                "INSERT INTO clients (client, passes, last_counted) VALUES (?, 1, ?)", (client, now)
-            )
-            passes = 1
-        elif now - row[1] >= PASS_COUNT_INTERVAL:
-            passes = row[0] + 1
-            db.execute(
-                "UPDATE clients SET passes=?, last_counted=? WHERE client=?", (passes, now, client)
-            )
-        else:
-            return
-        if passes >= self.cfg.auto_whitelist:
-            db.execute(
-                "UPDATE clients SET whitelisted_until=? WHERE client=?",
-                (now + int(self.cfg.expire), client),
-            )
+        row = db.execute(SQL_COUNT_PASSES, (client, now)).fetchone()
+        if row is not None and int(row[0]) >= self.cfg.auto_whitelist:
+            db.execute(SQL_WHITELIST, (now + int(self.cfg.expire), client))
 
     def peek(self, client: str, sender: str, rcpt: str) -> Outcome:
         """What check() would say now, without recording anything (the dry-run)."""
+        sender, rcpt = normalize_sender(sender), rcpt.strip().strip("<>").lower()
         try:
-            conn = self.connect()
+            outcome = self.backend.guarded(lambda: self._peek(client, sender, rcpt))
         except StoreError as exc:
-            return Outcome(self.cfg.on_error == "accept", f"database failure: {exc}", error=True)
-        try:
-            now = int(self.clock())
-            sender, rcpt = normalize_sender(sender), rcpt.strip().strip("<>").lower()
-            row = conn.execute(
-                "SELECT whitelisted_until, allowed_by_admin FROM clients WHERE client=?", (client,)
-            ).fetchone()
+            return self._fault(exc)
+        self._works()
+        return outcome
+
+    def _peek(self, client: str, sender: str, rcpt: str) -> Outcome:
+        now = int(self.clock())
+        with self.backend.transaction(write=False) as db:
+            row = db.execute(SQL_CLIENT, (client,)).fetchone()
             if row and (row[1] or (row[0] is not None and row[0] > now)):
                 return Outcome(True, "client whitelisted")
-            t = conn.execute(SQL_TRIPLET, (client, sender, rcpt)).fetchone()
-        except sqlite3.Error as exc:
-            return Outcome(self.cfg.on_error == "accept", f"database failure: {exc}", error=True)
-        finally:
-            conn.close()
+            t = db.execute(SQL_TRIPLET, (client, sender, rcpt)).fetchone()
         if t is None:
             return Outcome(False, "first attempt", int(self.cfg.delay))
         first, last, passed_at = t
@@ -391,29 +669,31 @@ class Greylist:
     # -- housekeeping -----------------------------------------------------
 
     def purge(self, batches: int | None = None) -> int:
-        """Delete expired rows in small batches; returns how many were deleted."""
+        """Delete expired rows in small batches; returns how many were deleted.
+
+        One host at a time: while another host purges the same database, this
+        returns 0 at once.
+        """
         cfg = self.cfg
+        sql = SQL_PURGE_TRIPLETS.format(lock=self.backend.skip_locked)
         deleted = 0
         done = 0
-        while batches is None or done < batches:
-            now = int(self.clock())
-            with self.transaction() as db:
-                cur = db.execute(
-                    "DELETE FROM triplets WHERE (client, sender, rcpt) IN ("
-                    " SELECT client, sender, rcpt FROM triplets"
-                    " WHERE (passed_at IS NULL AND first_seen < ?) OR last_seen < ? LIMIT ?)",
-                    (now - int(cfg.retry_window), now - int(cfg.expire), cfg.purge_batch),
-                )
-                n = cur.rowcount
-                db.execute(
-                    "DELETE FROM clients WHERE allowed_by_admin = 0 AND last_counted < ? "
-                    "AND (whitelisted_until IS NULL OR whitelisted_until < ?)",
-                    (now - int(cfg.expire), now),
-                )
-            deleted += n
-            done += 1
-            if n < cfg.purge_batch:
-                break
+        with self.backend.expiry_lock() as mine:
+            if not mine:
+                log.debug("greylist: another host is purging %s", self.describe())
+                return 0
+            while batches is None or done < batches:
+                now = int(self.clock())
+                with self.backend.transaction(housekeeping=True) as db:
+                    n = db.execute(
+                        sql,
+                        (now - int(cfg.retry_window), now - int(cfg.expire), cfg.purge_batch),
+                    ).rowcount
+                    db.execute(SQL_PURGE_CLIENTS, (now - int(cfg.expire), now))
+                deleted += n
+                done += 1
+                if n < cfg.purge_batch:
+                    break
         return deleted
 
     def start_purger(self) -> None:
@@ -433,44 +713,41 @@ class Greylist:
         self._purger.start()
 
     def close(self) -> None:
-        """Stop the purger and close this thread's connection."""
+        """Stop the purger and release the backend's connections."""
         self._stop.set()
-        self._drop_conn()
+        self.backend.close()
 
     # -- admin ------------------------------------------------------------
 
     def allow(self, key: str) -> None:
         """Whitelist a client part until deleted."""
         now = int(self.clock())
-        with self.transaction() as db:
-            db.execute(
-                "INSERT INTO clients (client, passes, last_counted, allowed_by_admin) "
-                "VALUES (?, 0, ?, 1) ON CONFLICT (client) DO UPDATE SET allowed_by_admin = 1",
-                (key, now),
-            )
+        with self.backend.transaction(housekeeping=True) as db:
+            db.execute(SQL_ALLOW, (key, now))
 
     def delete(self, key: str) -> int:
         """Forget a client part entirely; returns the rows deleted."""
-        with self.transaction() as db:
+        with self.backend.transaction(housekeeping=True) as db:
             n = db.execute("DELETE FROM triplets WHERE client = ?", (key,)).rowcount
             n += db.execute("DELETE FROM clients WHERE client = ?", (key,)).rowcount
         return n
 
     def rows(self, limit: int = 1000) -> list[tuple[object, ...]]:
         """Triplets, most recent first."""
-        with self.transaction() as db:
-            return list(
-                db.execute(
+        with self.backend.transaction(write=False, housekeeping=True) as db:
+            return [
+                tuple(r)
+                for r in db.execute(
                     "SELECT client, sender, rcpt, first_seen, last_seen, passed_at, attempts "
                     "FROM triplets ORDER BY last_seen DESC LIMIT ?",
                     (limit,),
-                )
-            )
+                ).fetchmany(limit)
+            ]
 
     def stats(self) -> dict[str, int]:
         """Counts for `heloguard greylist stats`."""
         now = int(self.clock())
-        with self.transaction() as db:
+        with self.backend.transaction(write=False, housekeeping=True) as db:
 
             def one(sql: str, *args: object) -> int:
                 return int(db.execute(sql, args).fetchone()[0])
@@ -483,3 +760,25 @@ class Greylist:
                 "whitelisted": one("SELECT count(*) FROM clients WHERE whitelisted_until > ?", now),
                 "allowed_by_admin": one("SELECT count(*) FROM clients WHERE allowed_by_admin = 1"),
             }
+
+    def copy_from(self, source: Greylist, batch: int = 1000) -> tuple[int, int]:
+        """Merge every row of another store into this one: (triplets, clients) copied.
+
+        For a migration (SQLite to PostgreSQL) and safe to repeat: rows are
+        merged, never duplicated, and a copy into a store in use is fine.
+        Each batch is its own transaction.
+        """
+        counts: list[int] = []
+        for select, merge in (
+            (SQL_EXPORT_TRIPLETS, SQL_MERGE_TRIPLET),
+            (SQL_EXPORT_CLIENTS, SQL_MERGE_CLIENT),
+        ):
+            n = 0
+            with source.backend.transaction(write=False, housekeeping=True) as src:
+                cursor = src.execute(select, ())
+                while rows := cursor.fetchmany(batch):
+                    with self.backend.transaction(housekeeping=True) as dst:
+                        dst.executemany(merge, [tuple(r) for r in rows])
+                    n += len(rows)
+            counts.append(n)
+        return counts[0], counts[1]

@@ -1,11 +1,19 @@
 """Greylisting: behaviour through delay, window and expiry (an injected clock),
 keys that follow pools and networks, and a store that survives crashes and
 reports every kind of database failure instead of dying.
+
+The behaviour suite runs on both backends (the ``stores`` fixture is
+parametrized): SQLite in a temporary file, and PostgreSQL in a fresh
+database of a real server that the tests start themselves
+(tests/pgserver.py; one cluster per test session).  Faults that belong to a
+file (corrupt, read-only, full, locked) are SQLite's; PostgreSQL's own
+(down, frozen, slow, shared by two hosts) are in test_greylist_pg.py.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import json
 import logging
 import os
 import signal
@@ -13,15 +21,29 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import psycopg
 import pytest
 
 from heloguard.config import GreylistConfig
-from heloguard.greylist import Greylist, admin_key, client_key, normalize_sender
+from heloguard.greylist import (
+    SCHEMA_VERSION,
+    Greylist,
+    SqliteBackend,
+    admin_key,
+    client_key,
+    normalize_sender,
+)
+
+import pgserver
 
 DAY = 86400
+BACKENDS = ["sqlite", "postgresql"]
 
 
 class Clock:
@@ -32,17 +54,62 @@ class Clock:
         return self.t
 
 
-def store(tmp_path: Path, **kw: object) -> tuple[Greylist, Clock]:
-    clock = Clock()
-    cfg = GreylistConfig(database=str(tmp_path / "grey.sqlite"), **kw)  # type: ignore[arg-type]
-    return Greylist(cfg, clock=clock), clock
+class Stores:
+    """Makes greylist stores on one backend, all on the same database, and closes them."""
+
+    def __init__(self, backend: str, tmp_path: Path) -> None:
+        self.backend = backend
+        self.server: pgserver.PgServer | None = None
+        self.dsn = ""
+        self.base: dict[str, Any] = {"database": str(tmp_path / "grey.sqlite")}
+        if backend == "postgresql":
+            self.server = pgserver.require()
+            self.dsn = self.server.create_database()
+            # a loaded test machine must not turn a slow decision into a failure here
+            self.base = {"backend": "postgresql", "dsn": self.dsn, "db_timeout": 5.0}
+        self.made: list[Greylist] = []
+
+    def config(self, **kw: Any) -> GreylistConfig:
+        return GreylistConfig(**{**self.base, **kw})
+
+    def __call__(self, **kw: Any) -> tuple[Greylist, Clock]:
+        clock = Clock()
+        g = Greylist(self.config(**kw), clock=clock)
+        self.made.append(g)
+        return g, clock
+
+    def sql(self, statement: str) -> list[tuple[Any, ...]]:
+        """Run one statement on the store's database, outside heloguard."""
+        if self.server is not None:
+            with psycopg.connect(self.dsn, autocommit=True) as conn:
+                cur = conn.execute(statement.encode())
+                return list(cur.fetchall()) if cur.description else []
+        conn2 = sqlite3.connect(self.base["database"], isolation_level=None)
+        try:
+            return list(conn2.execute(statement).fetchall())
+        finally:
+            conn2.close()
+
+    def close(self) -> None:
+        for g in self.made:
+            g.close()
+        if self.server is not None:
+            self.server.drop_database(self.dsn)
+
+
+@pytest.fixture(params=BACKENDS)
+def stores(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Stores]:
+    """Greylist stores on SQLite, then on PostgreSQL."""
+    made = Stores(request.param, tmp_path)
+    yield made
+    made.close()
 
 
 T = ("net:192.0.2.0/24", "alice@example.org", "bob@example.test")
 
 
-def test_first_early_pass_known(tmp_path: Path) -> None:
-    g, clock = store(tmp_path)
+def test_first_early_pass_known(stores: Stores) -> None:
+    g, clock = stores()
     first = g.check(*T)
     assert not first.passed and first.reason == "first attempt" and first.retry_in == 300
     clock.t += 120
@@ -53,10 +120,11 @@ def test_first_early_pass_known(tmp_path: Path) -> None:
     assert retried.passed and retried.reason.startswith("retried after 320s")
     clock.t += 10 * DAY
     assert g.check(*T).reason == "known triplet"
+    assert g.faults == 0
 
 
-def test_retry_after_the_window_starts_over(tmp_path: Path) -> None:
-    g, clock = store(tmp_path)
+def test_retry_after_the_window_starts_over(stores: Stores) -> None:
+    g, clock = stores()
     g.check(*T)
     clock.t += 2 * DAY + 1
     late = g.check(*T)
@@ -65,8 +133,8 @@ def test_retry_after_the_window_starts_over(tmp_path: Path) -> None:
     assert g.check(*T).passed
 
 
-def test_passed_triplet_expires_after_35_days(tmp_path: Path) -> None:
-    g, clock = store(tmp_path, auto_whitelist=0)
+def test_passed_triplet_expires_after_35_days(stores: Stores) -> None:
+    g, clock = stores(auto_whitelist=0)
     g.check(*T)
     clock.t += 400
     assert g.check(*T).passed
@@ -75,8 +143,8 @@ def test_passed_triplet_expires_after_35_days(tmp_path: Path) -> None:
     assert not again.passed and "expired" in again.reason
 
 
-def test_auto_whitelist_after_n_passes_counted_hourly(tmp_path: Path) -> None:
-    g, clock = store(tmp_path, auto_whitelist=3)
+def test_auto_whitelist_after_n_passes_counted_hourly(stores: Stores) -> None:
+    g, clock = stores(auto_whitelist=3)
     client = "domain:bigsender.example"
     for i in range(3):
         triplet = (client, f"news{i}@bigsender.example", "bob@example.test")
@@ -89,6 +157,27 @@ def test_auto_whitelist_after_n_passes_counted_hourly(tmp_path: Path) -> None:
     fresh = g.check(client, "someone-new@bigsender.example", "carol@example.test")
     assert fresh.passed and "whitelisted" in fresh.reason
     assert g.stats()["whitelisted"] == 1
+    assert stores.sql("SELECT passes FROM clients") == [(4,)], "the whitelisted pass counts too"
+
+
+def test_sender_and_recipient_are_normalized_in_the_key(stores: Stores) -> None:
+    g, clock = stores()
+    g.check("net:192.0.2.0/24", "<Bounce+1234@Example.ORG>", "<Bob@Example.TEST>")
+    clock.t += 400
+    retry = g.check("net:192.0.2.0/24", "bounce+9876@example.org", "bob@example.test")
+    assert retry.passed, retry
+
+
+def test_peek_records_nothing(stores: Stores) -> None:
+    g, clock = stores()
+    assert g.peek(*T).reason == "first attempt"
+    assert g.stats()["triplets"] == 0
+    g.check(*T)
+    assert not g.peek(*T).passed
+    clock.t += 400
+    assert g.peek(*T).passed and "would pass" in g.peek(*T).reason
+    assert g.stats()["pending"] == 1, "peek passed nothing"
+    assert g.check(*T).passed
 
 
 def test_pool_sender_retrying_from_another_address_passes() -> None:
@@ -135,19 +224,31 @@ def test_sender_normalization(raw: str, normal: str) -> None:
     assert normalize_sender(raw) == normal
 
 
-def test_admin_allow_and_delete(tmp_path: Path) -> None:
-    g, _ = store(tmp_path)
+def test_admin_allow_and_delete(stores: Stores) -> None:
+    g, _ = stores()
     key = admin_key("192.0.2.77", g.cfg)
     assert key == "net:192.0.2.0/24"
     g.allow(key)
+    g.allow(key)  # twice is the same as once
     assert g.check(key, "x@example.org", "y@example.test").passed
+    assert g.stats()["allowed_by_admin"] == 1
     assert g.delete(key) >= 1
     assert not g.check(key, "x@example.org", "y@example.test").passed
     assert admin_key("example.com", g.cfg) == "domain:example.com"
 
 
-def test_purge_in_batches_keeps_the_table_bounded(tmp_path: Path) -> None:
-    g, clock = store(tmp_path, purge_batch=7)
+def test_rows_most_recent_first(stores: Stores) -> None:
+    g, clock = stores()
+    for i in range(3):
+        g.check("net:192.0.2.0/24", "s@example.org", f"r{i}@example.test")
+        clock.t += 10
+    rows = g.rows(limit=2)
+    assert [r[2] for r in rows] == ["r2@example.test", "r1@example.test"]
+    assert rows[0][3:] == (1_700_000_020, 1_700_000_020, None, 1)
+
+
+def test_purge_in_batches_keeps_the_table_bounded(stores: Stores) -> None:
+    g, clock = stores(purge_batch=7)
     for i in range(50):
         g.check("net:192.0.2.0/24", "s@example.org", f"r{i}@example.test")
     clock.t += 2 * DAY + 10  # never retried: stale after the retry window
@@ -157,18 +258,69 @@ def test_purge_in_batches_keeps_the_table_bounded(tmp_path: Path) -> None:
     assert g.stats()["triplets"] == 1
 
 
-def test_schema_versioned_and_newer_refused(tmp_path: Path) -> None:
-    g, _ = store(tmp_path)
+def test_concurrent_first_attempts_agree(stores: Stores) -> None:
+    """Eight threads see the same new triplets at once: each triplet is new exactly once."""
+    g, _ = stores()
+    g.connect().close()  # created and migrated first, as the daemon does at start
+    triplets = [("net:192.0.2.0/24", "s@example.org", f"r{i}@example.test") for i in range(40)]
+    results: list[list[str]] = [[] for _ in range(8)]
+    start = threading.Barrier(8)
+
+    def work(n: int) -> None:
+        start.wait()
+        results[n] = [g.check(*t).reason for t in triplets]
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i in range(len(triplets)):
+        reasons = [r[i] for r in results]
+        assert reasons.count("first attempt") == 1, reasons
+        assert all(r == "first attempt" or "too early" in r for r in reasons), reasons
+    assert g.faults == 0
+    assert stores.sql("SELECT sum(attempts) FROM triplets") == [(8 * len(triplets),)]
+
+
+def test_schema_versioned_and_newer_refused(stores: Stores) -> None:
+    g, _ = stores()
     g.check(*T)
-    conn = sqlite3.connect(tmp_path / "grey.sqlite")
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
-    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    conn.execute("PRAGMA user_version = 99")
-    conn.close()
-    fresh = Greylist(g.cfg)
+    if stores.backend == "sqlite":
+        assert stores.sql("PRAGMA user_version") == [(SCHEMA_VERSION,)]
+        assert stores.sql("PRAGMA journal_mode") == [("wal",)]
+        stores.sql("PRAGMA user_version = 99")
+    else:
+        assert stores.sql("SELECT version FROM heloguard_schema") == [(SCHEMA_VERSION,)]
+        stores.sql("UPDATE heloguard_schema SET version = 99")
+    fresh, _ = stores()
     outcome = fresh.check(*T)
     assert outcome.error and outcome.passed  # on_error accept
     assert "newer" in outcome.reason
+    assert fresh.faults == 1
+
+
+def test_copy_merges_and_can_be_repeated(stores: Stores, tmp_path: Path) -> None:
+    """A host's SQLite store copied into this one: what it knew holds here."""
+    clock = Clock()
+    old = Greylist(GreylistConfig(database=str(tmp_path / "old.sqlite")), clock=clock)
+    old.check(*T)  # first attempt seen by the old store only
+    known = ("domain:example.net", "x@example.net", "y@example.test")
+    old.check(*known)
+    clock.t += 400
+    old.check(*known)  # passed there
+    old.allow("domain:partner.example")
+    g, gclock = stores()
+    g.check("net:198.51.100.0/24", "own@example.org", "r@example.test")
+    assert g.copy_from(old) == (2, 2)
+    assert g.copy_from(old) == (2, 2), "a second copy merges"
+    stats = g.stats()
+    assert (stats["triplets"], stats["clients"], stats["allowed_by_admin"]) == (3, 2, 1)
+    gclock.t = clock.t
+    assert g.check(*T).passed, "the retry of an attempt first seen by the old store passes"
+    assert g.check(*known).reason == "known triplet"
+    assert g.check("domain:partner.example", "a@partner.example", "b@example.test").passed
+    old.close()
 
 
 # -- the store under faults ------------------------------------------------------
@@ -188,8 +340,14 @@ def test_corrupt_database_follows_the_policy(
     assert path.read_bytes() == garbage, "the file is never rewritten or deleted"
 
 
+def sqlite_store(tmp_path: Path, **kw: Any) -> tuple[Greylist, Clock]:
+    clock = Clock()
+    cfg = GreylistConfig(database=str(tmp_path / "grey.sqlite"), **kw)
+    return Greylist(cfg, clock=clock), clock
+
+
 def test_read_only_database(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    g, _ = store(tmp_path)
+    g, _ = sqlite_store(tmp_path)
     g.check(*T)  # create it
     ro = Greylist(GreylistConfig(database=f"file:{tmp_path / 'grey.sqlite'}?mode=ro"))
     outcome = ro.check("net:198.51.100.0/24", "a@example.org", "b@example.test")
@@ -198,9 +356,10 @@ def test_read_only_database(tmp_path: Path, caplog: pytest.LogCaptureFixture) ->
 
 
 def test_full_database(tmp_path: Path) -> None:
-    g, _ = store(tmp_path)
+    g, _ = sqlite_store(tmp_path)
     g.check(*T)
-    conn = g._conn()
+    assert isinstance(g.backend, SqliteBackend)
+    conn = g.backend._conn()
     pages = conn.execute("PRAGMA page_count").fetchone()[0]
     conn.execute(f"PRAGMA max_page_count = {pages + 2}")
     outcomes = [
@@ -212,7 +371,7 @@ def test_full_database(tmp_path: Path) -> None:
 
 
 def test_locked_database(tmp_path: Path) -> None:
-    g, _ = store(tmp_path, busy_timeout=0.2)
+    g, _ = sqlite_store(tmp_path, busy_timeout=0.2)
     g.check(*T)
     blocker = sqlite3.connect(tmp_path / "grey.sqlite", isolation_level=None)
     blocker.execute("BEGIN EXCLUSIVE")
@@ -226,12 +385,37 @@ def test_locked_database(tmp_path: Path) -> None:
         blocker.close()
 
 
+def test_trouble_is_logged_once_and_its_end_too(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A locked database fails every decision: one log line when it starts, one when it ends."""
+    caplog.set_level(logging.INFO, "heloguard.greylist")
+    g, _ = sqlite_store(tmp_path, busy_timeout=0.05)
+    g.check(*T)
+    blocker = sqlite3.connect(tmp_path / "grey.sqlite", isolation_level=None)
+    blocker.execute("BEGIN EXCLUSIVE")
+    outcomes = [
+        g.check("net:198.51.100.0/24", "a@example.org", f"{i}@example.test") for i in range(5)
+    ]
+    blocker.execute("ROLLBACK")
+    blocker.close()
+    assert all(o.error and o.passed for o in outcomes)
+    assert g.faults == 5
+    assert not g.check("net:198.51.100.0/24", "a@example.org", "b@example.test").error
+    lines = [r.getMessage() for r in caplog.records if r.name == "heloguard.greylist"]
+    assert len([m for m in lines if m.startswith("greylist database failure")]) == 1, lines
+    assert [m for m in lines if "works again" in m] == [
+        next(m for m in lines if "works again" in m)
+    ]
+    assert any("failed=5 on_error=accept" in m for m in lines), lines
+
+
 WRITER = textwrap.dedent(
     """
-    import sys
+    import json, sys
     from heloguard.config import GreylistConfig
     from heloguard.greylist import Greylist
-    g = Greylist(GreylistConfig(database=sys.argv[1]))
+    g = Greylist(GreylistConfig(**json.loads(sys.argv[1])))
     n = sys.argv[2]
     i = 0
     while True:
@@ -243,40 +427,47 @@ WRITER = textwrap.dedent(
 )
 
 
-def test_kill_9_under_concurrent_writes_keeps_committed_rows(tmp_path: Path) -> None:
-    db = tmp_path / "grey.sqlite"
-    Greylist(GreylistConfig(database=str(db))).connect().close()
+def test_kill_9_under_concurrent_writes_keeps_committed_rows(stores: Stores) -> None:
+    stores()[0].connect().close()
     env = dict(os.environ, PYTHONSAFEPATH="1")
     writers = [
         subprocess.Popen(
-            [sys.executable, "-c", WRITER, str(db), str(n)],
+            [sys.executable, "-c", WRITER, json.dumps(stores.base), str(n)],
             stdout=subprocess.PIPE,
             env=env,
             text=True,
         )
         for n in range(4)
     ]
-    time.sleep(2.0)
+    committed: dict[int, list[int]] = {n: [] for n in range(len(writers))}
+
+    def read(n: int, w: subprocess.Popen[str]) -> None:
+        assert w.stdout is not None
+        with w.stdout:
+            for line in w.stdout:
+                committed[n].append(int(line))
+
+    readers = [threading.Thread(target=read, args=(n, w)) for n, w in enumerate(writers)]
+    for r in readers:
+        r.start()
+    deadline = time.monotonic() + 60  # a loaded machine starts Python slowly
+    while time.monotonic() < deadline and min(len(v) for v in committed.values()) < 20:
+        time.sleep(0.05)
+    time.sleep(0.2)  # and kill them in full flight
     for w in writers:
         w.send_signal(signal.SIGKILL)
-    committed: dict[int, list[int]] = {}
-    for n, w in enumerate(writers):
-        out, _ = w.communicate()
-        committed[n] = [int(x) for x in out.split()]
+    for w, r in zip(writers, readers, strict=True):
+        w.wait()
+        r.join()
     assert sum(len(v) for v in committed.values()) > 50, "the writers made progress"
-    conn = sqlite3.connect(db)
-    assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    if stores.backend == "sqlite":
+        assert stores.sql("PRAGMA integrity_check") == [("ok",)]
+    rows = stores.sql("SELECT client, rcpt FROM triplets")
     for n, done in committed.items():
-        senders = {
-            row[0]
-            for row in conn.execute(
-                "SELECT rcpt FROM triplets WHERE client = ?", (f"net:10.{n}.0.0/24",)
-            )
-        }
-        missing = [i for i in done if f"r{i}@example.test" not in senders]
+        rcpts = {rcpt for client, rcpt in rows if client == f"net:10.{n}.0.0/24"}
+        missing = [i for i in done if f"r{i}@example.test" not in rcpts]
         assert not missing, f"writer {n} lost committed rows {missing[:5]}"
-    conn.close()
-    g = Greylist(GreylistConfig(database=str(db)))
+    g, _ = stores()
     assert (
         g.check("net:192.0.2.0/24", "after@example.org", "r@example.test").reason == "first attempt"
     )
@@ -286,3 +477,21 @@ def test_store_logs_once_per_failure(tmp_path: Path, caplog: pytest.LogCaptureFi
     caplog.set_level(logging.ERROR, "heloguard.greylist")
     g = Greylist(GreylistConfig(database=str(tmp_path / "missing-dir" / "x" / "g.sqlite")))
     assert not g.check(*T).error  # the folder is created
+
+
+@pytest.mark.parametrize(
+    ("dsn", "shown"),
+    [
+        ("host=db user=hg password=s3cr3t dbname=grey", "host=db user=hg password=*** dbname=grey"),
+        ("host=db password='a b\\' c' dbname=x", "host=db password=*** dbname=x"),
+        ("postgresql://hg:s3cr3t@db.example/grey", "postgresql://hg:***@db.example/grey"),
+        ("postgresql://hg@db/grey", "postgresql://hg@db/grey"),
+    ],
+)
+def test_config_check_never_prints_a_database_password(dsn: str, shown: str) -> None:
+    from heloguard.config import from_mapping
+    from heloguard.configdump import dump
+
+    text = dump(from_mapping({"greylist": {"backend": "postgresql", "dsn": dsn}}))
+    assert f"dsn = {json.dumps(shown)}" in text
+    assert "s3cr3t" not in text and "b\\' c" not in text
