@@ -57,6 +57,9 @@ class CheckInput:
     ptr: tuple[str, ...] = ()
     sender: str | None = None
     rcpt: tuple[str, ...] = ()
+    # A replayed record holds the sender as the milter saw it, brackets already
+    # removed: taken as it is ("<x@ >" recorded as "x@ " must not lose its space).
+    verbatim: bool = False
 
     def context(self) -> Context:
         """The rule context; raises UsageError on a bad address."""
@@ -65,7 +68,7 @@ class CheckInput:
             raise UsageError(f"not an IP address: {self.ip!r}")
         helo = parse_helo(self.helo) if self.helo is not None else None
         sender = self.sender
-        if sender is not None:
+        if sender is not None and not self.verbatim:
             sender = sender.strip()
             if sender.startswith("<") and sender.endswith(">"):
                 sender = sender[1:-1]
@@ -246,6 +249,7 @@ def cmd_replay(args: argparse.Namespace, engine: Engine) -> int:
                 helo=rec["input"].get("helo"),
                 sender=rec["input"].get("from"),
                 rcpt=tuple(rec["input"].get("rcpt") or ()),
+                verbatim=True,
             )
             dns = RecordedDns(answers_of(rec))
             phases = phases_of(rec)

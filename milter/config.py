@@ -66,20 +66,29 @@ class Mode(StrEnum):
 Duration = typing.NewType("Duration", float)
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+# Longest duration accepted: ten years.  TOML allows inf, nan and 1e400; such a
+# [dns] budget passed validation and then made every callback raise (a wait
+# longer than threading.TIMEOUT_MAX overflows).
+MAX_DURATION = 3650 * 86400.0
 
 
 def parse_duration(value: object) -> float:
     """Seconds from a number or a string like "5m"."""
     if isinstance(value, bool):
         raise ValueError("expected a duration, got a boolean")  # noqa: TRY004 - reported as a bad value
+    seconds: float | int | None = None
     if isinstance(value, int | float):
         if value < 0:
             raise ValueError("a duration cannot be negative")
-        return float(value)
-    if isinstance(value, str):
+        seconds = value
+    elif isinstance(value, str):
         m = _DURATION.match(value)
         if m:
-            return float(m.group(1)) * _UNITS[m.group(2)]
+            seconds = float(m.group(1)) * _UNITS[m.group(2)]
+    if seconds is not None:
+        if not seconds <= MAX_DURATION:  # also false for nan
+            raise ValueError(f"a duration must be finite and at most 3650 days, got {value!r}")
+        return float(seconds)
     raise ValueError(f'expected a duration such as 30, "500ms", "5m", got {value!r}')
 
 

@@ -35,12 +35,14 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 import milter
 
 from heloguard.config import DEFAULT_PATH, Config, ConfigError, GreylistConfig, LogConfig, load
 from heloguard.greylist import Greylist, StoreError, admin_key
+from heloguard.logfmt import printable
 from heloguard.resolver import parse_nameserver
 
 if TYPE_CHECKING:
@@ -197,10 +199,31 @@ def warn_world_writable(*paths: Path | None) -> None:
                 mode = target.stat().st_mode
             except OSError:
                 continue
-            if mode & stat.S_IWOTH and not (target.is_dir() and mode & stat.S_ISVTX):
+            if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+                continue  # a device such as /dev/null
+            if mode & stat.S_IWOTH and not (stat.S_ISDIR(mode) and mode & stat.S_ISVTX):
                 log.warning(
                     "%s is world-writable: anyone could change heloguard's behaviour", target
                 )
+
+
+def log_uncaught(kind: type[BaseException], exc: BaseException, tb: TracebackType | None) -> None:
+    """``sys.excepthook`` while serving: through the log, as whole lines.
+
+    pymilter reports what it cannot hand to a callback (a HELO or address that
+    is not UTF-8) with PyErr_Print, which calls this hook.  Python's own hook
+    writes to stderr in pieces, beside the log's handler and its lock, so a
+    client sending such HELOs could split other clients' decision lines.
+    """
+    if not issubclass(kind, Exception):
+        sys.__excepthook__(kind, exc, tb)
+        return
+    log.error(
+        "pymilter could not call back: %s: %s; answered per [milter] failure_policy",
+        kind.__name__,
+        printable(str(exc), 300),
+        exc_info=(kind, exc, tb) if tb is not None else None,
+    )
 
 
 # libmilter waits for these in its own signal thread (sigwait); every other
@@ -303,7 +326,8 @@ def serve(args: argparse.Namespace) -> int:
     _start_greylist(holder.current)
     hand_over(_state_files(config), config.milter.user, config.milter.group)
     _bind(config, HeloguardMilter)
-    warn_world_writable(config_path)
+    # the files that steer it: config, exception lists, greylist database, decision records
+    warn_world_writable(config_path, *map(Path, config.exceptions.files), *_state_files(config))
     drop_privileges(config.milter.user, config.milter.group)
     watcher = None
     if config_path is not None:
@@ -319,6 +343,7 @@ def serve(args: argparse.Namespace) -> int:
         file=sys.stderr,
         flush=True,
     )
+    sys.excepthook = log_uncaught
     try:
         milter.main()
     finally:

@@ -395,12 +395,39 @@ class Engine:
             for alert in r.result.alerts:
                 self.alerts[r.rule] += 1
                 log.warning("misconfiguration (rule %s): %s", r.rule, printable(alert, 400))
+        unanswered = _unanswered_allow_list(entries, reports)
+        if unanswered:  # its hit would have exempted the client: refuse nothing for good
+            reports = [_deferred(r, unanswered) for r in reports]
         decision = self._combine(reports, stage)
         decision.answers = phase.answers
         exempt = next((r for r in reports if r.result.exempt), None)
         if exempt is not None:
             decision.exempted(f"{exempt.rule}: {exempt.result.exempt}")
         return decision
+
+
+def _unanswered_allow_list(entries: list[_Entry], reports: list[RuleReport]) -> str:
+    """Why an allow list (dnswl) that found no hit could not be sure ("" if it could)."""
+    exempting = {e.rule.name for e in entries if e.rule.exempts}
+    for r in reports:
+        if r.rule in exempting and not r.result.exempt:
+            temp = next((a for a in r.lookups if a.temp), None)
+            if temp is not None:
+                return f"{r.rule}: {temp.query} was TEMP ({temp.reason})"
+    return ""
+
+
+def _deferred(report: RuleReport, why: str) -> RuleReport:
+    """A rejection turned into a deferral: the allow list could have exempted the client."""
+    if report.effect is not Effect.REJECT:
+        return report
+    note = f"deferred: {why}; a hit would have exempted the client"
+    return replace(
+        report,
+        effect=Effect.TEMPFAIL,
+        reply=report.reply.temporary() if report.reply else INTERNAL_ERROR,
+        result=replace(report.result, notes=(*report.result.notes, note)),
+    )
 
 
 class _Phase:

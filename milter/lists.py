@@ -8,9 +8,11 @@ answer in 127.0.0.0/8 that is not an error code is a listing.
 Answers that are errors, not listings, are never counted, whatever the
 filter: ``127.255.255.252`` (typing error in the zone name),
 ``127.255.255.254`` (query through a public or unregistered resolver),
-``127.255.255.255`` (too many queries), ``127.0.1.255`` (an IP address
-queried against a domain list), and anything outside 127.0.0.0/8 (a zone that
-expired and was parked, or a hijacked one).  Each is reported as a
+``127.255.255.255`` (too many queries), any other ``127.255.255.x`` (the
+range Spamhaus reserves for error codes), ``127.0.0.1`` (RFC 5782 2.1: never a
+listing; URIBL and others answer it for a refused query), ``127.0.1.255`` (an
+IP address queried against a domain list), and anything outside 127.0.0.0/8
+(a zone that expired and was parked, or a hijacked one).  Each is reported as a
 misconfiguration for the log and the counters.
 
 A zone name may embed an access key (``KEY.zen.dq.spamhaus.net``): the key
@@ -30,13 +32,15 @@ from heloguard.logfmt import register_secret
 
 ERROR_CODES = frozenset(
     ipaddress.IPv4Address(a)
-    for a in ("127.255.255.252", "127.255.255.254", "127.255.255.255", "127.0.1.255")
+    for a in ("127.255.255.252", "127.255.255.254", "127.255.255.255", "127.0.1.255", "127.0.0.1")
 )
+ERROR_NET = ipaddress.IPv4Network("127.255.255.0/24")  # every code in it is an error
 ERROR_MEANING = {
     ipaddress.IPv4Address("127.255.255.252"): "typing error in the zone name",
     ipaddress.IPv4Address("127.255.255.254"): "queried through a public or unregistered resolver",
     ipaddress.IPv4Address("127.255.255.255"): "too many queries",
     ipaddress.IPv4Address("127.0.1.255"): "an IP address queried against a domain list",
+    ipaddress.IPv4Address("127.0.0.1"): "query refused (RFC 5782: 127.0.0.1 is never a listing)",
 }
 LOOPBACK_NET = ipaddress.IPv4Network("127.0.0.0/8")
 _ZONE = re.compile(r"^([a-z0-9_.-]+?)(?:=([0-9.;\[\]]+))?(?:\*(-?\d+))?$")
@@ -93,6 +97,8 @@ def parse_zone(text: str) -> ZoneSpec:
     if not m or "." not in m.group(1):
         raise ValueError(f"bad list zone {text!r}: expected zone[=a.b.c.d][*weight]")
     zone, filt, weight = m.group(1).strip("."), m.group(2), m.group(3)
+    if "." not in zone or "" in zone.split("."):  # ".", "bl." or "a..b" is no zone
+        raise ValueError(f"bad list zone {text!r}: expected zone[=a.b.c.d][*weight]")
     octets = None
     if filt:
         parts = re.findall(r"\[[^\]]*\]|[^.\[\]]+", filt)
@@ -133,9 +139,10 @@ def read(answer: Answer, spec: ZoneSpec, subject: str) -> Reading:
                 f"{spec.display} answered {code} for {subject}: outside 127.0.0.0/8, "
                 "not a listing (an expired or hijacked zone?)"
             )
-        elif code in ERROR_CODES:
+        elif code in ERROR_CODES or code in ERROR_NET:
+            meaning = ERROR_MEANING.get(code, "an error code of the 127.255.255.0/24 range")
             errors.append(
-                f"{spec.display} answered {code} for {subject}: {ERROR_MEANING[code]}; "
+                f"{spec.display} answered {code} for {subject}: {meaning}; "
                 "an error code, not a listing"
             )
         elif spec.matches(code):

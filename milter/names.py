@@ -17,11 +17,13 @@ from publicsuffixlist import PublicSuffixList
 
 from heloguard.answers import IPAddress, normalize_name
 
-# RFC 5321 4.1.2: sub-domain = Let-dig [Ldh-str]; a label is 1-63 octets
-_LABEL = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
-_ALL_DIGITS = re.compile(r"^[0-9]+$")
-# A bare address written without brackets, as many bots do.
-_BARE_V4 = re.compile(r"^\d{1,3}(?:\.\d{1,3}){3}$")
+# RFC 5321 4.1.2: sub-domain = Let-dig [Ldh-str]; a label is 1-63 octets.
+# \Z, not $: "$" also matches before a final newline ("mail\n" would pass).
+_LABEL = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\Z")
+_ALL_DIGITS = re.compile(r"^[0-9]+\Z")
+# A bare address written without brackets, as many bots do.  ASCII digits only
+# (RFC 5321 Snum): ``\d`` would also match other scripts' digits (Arabic-Indic...).
+_BARE_V4 = re.compile(r"^[0-9]{1,3}(?:\.[0-9]{1,3}){3}\Z")
 MAX_NAME = 253  # text form of a 255-octet wire name without the trailing dot
 LOCALHOST_NAMES = frozenset({"localhost", "localhost.localdomain", "localhost6"})
 
@@ -121,6 +123,8 @@ def _parse_literal(raw: str) -> Helo:
     if ":" in inner:
         tag, _, rest = inner.partition(":")
         if tag.lower() == "ipv6":
+            if "%" in rest:  # ipaddress accepts a zone index (any text); RFC 5321 has none
+                return Helo(raw, HeloKind.BAD_LITERAL, problem="malformed IPv6 address literal")
             try:
                 v6 = ipaddress.IPv6Address(rest)
             except ValueError:

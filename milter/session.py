@@ -461,12 +461,12 @@ class Session:
             # 421 makes the MTA drop the client; libmilter wants 4xx with TEMPFAIL
             reply = Reply(421, "4" + reply.status[1:], reply.text)
             act = Act.TEMPFAIL
-        self._log(str(decision.verdict), stage, decision, str(reply))
+        self._log(str(decision.verdict), stage, decision, _unfielded(str(reply)))
         return Step(act, reply)
 
     def _log_accept(self, decision: Decision, stage: str) -> None:
         if decision.enforced is not Verdict.ACCEPT:  # warn mode
-            detail = f"would {decision.enforced}: {decision.enforced_reply}"
+            detail = f"would {decision.enforced}: {_unfielded(str(decision.enforced_reply))}"
             self._log("warn", stage, decision, detail)
             return
         warned = [r.rule for r in decision.reports if r.effect.value == "warn"]
@@ -532,6 +532,13 @@ class Session:
                 f"dns={decision.dns_sent}/{decision.dns_queries} ms={decision.elapsed * 1000:.0f}"
             )
         log.log(level, " ".join(parts))
+
+
+def _unfielded(reply: str) -> str:
+    """A reply as the log line shows it.  It quotes the client's text (a HELO, a
+    sender) with only the unprintable replaced, so an "=" there could forge a
+    ``helo=<...>``/``rule=`` field ahead of the real ones: "=" shows as "?"."""
+    return reply.replace("=", "?")
 
 
 def _enforced_rule(decision: Decision) -> str | None:

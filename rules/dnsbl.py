@@ -7,7 +7,8 @@ Checks:   dnsbl asks every configured zone for the client address (reversed
           zones; a hit exempts the client from every other check.
           Zones: ``zone[=filter][*weight]``, as Postfix writes them
           (``zen.spamhaus.org=127.0.0.[2..11]``).  Error answers are never
-          listings: 127.255.255.252/254/255, 127.0.1.255 and anything outside
+          listings: 127.255.255.0/24 (252, 254, 255...), 127.0.0.1 (RFC 5782;
+          a refused query), 127.0.1.255 and anything outside
           127.0.0.0/8 count as "not listed", and each is logged loudly as a
           misconfiguration (typically: a public resolver) and counted.
 Stage:    connect (the answers are ready by HELO); verdict at HELO.

@@ -5,7 +5,7 @@ Checks:   rhsbl asks every configured zone for the registered domain of the
           rhsbl_sender for the domain of MAIL FROM (never the null sender).
           Scoring, filters, error codes and timeouts exactly as for dnsbl
           (heloguard.lists): error answers (127.0.1.255 for an IP queried
-          against a domain list, 127.255.255.252/254/255, non-127 answers)
+          against a domain list, 127.255.255.0/24, 127.0.0.1, non-127 answers)
           are never listings; each is logged loudly and counted.
           rhsbl_sender uses the zones of [rules.rhsbl] unless given its own.
 Stage:    rhsbl: helo (the PTR names are verified by then); rhsbl_sender: mail.

@@ -4,7 +4,9 @@ It answers real DNS packets over UDP and TCP on one loopback port, so real
 resolvers (dnspython's, glibc's in Postfix) can talk to it.  It serves zones
 from ``*.zone`` files and from zone text added at run time, and it can inject
 faults (latency, SERVFAIL, REFUSED, dropped packets, forced truncation,
-forced NXDOMAIN) per name and type.
+forced NXDOMAIN) per name and type, and spoofing faults that hand the client
+records it did not ask for (``additional``, ``foreign_answer``,
+``wrong_question``: see ``set_fault``).
 
 In a test::
 
@@ -76,7 +78,22 @@ __all__ = ["FAULT_KINDS", "DNSServer", "Fault", "QueryRecord", "main"]
 log = logging.getLogger("dnsserver")
 
 #: The fault kinds ``set_fault`` accepts.
-FAULT_KINDS = frozenset({"delay", "servfail", "refused", "drop", "truncate", "nxdomain"})
+FAULT_KINDS = frozenset(
+    {
+        "delay",
+        "servfail",
+        "refused",
+        "drop",
+        "truncate",
+        "nxdomain",
+        # spoofing faults; each takes ``records`` (master-file lines, absolute owner names)
+        "additional",  # the normal answer, with the records stuffed into the additional section
+        "foreign_answer",  # NOERROR whose answer section holds only the records (other names)
+        "wrong_question",  # a response to another question: the first record's name and type
+    }
+)
+#: The fault kinds that need ``records``.
+RECORD_FAULTS = frozenset({"additional", "foreign_answer", "wrong_question"})
 
 #: EDNS payload we advertise, and the largest UDP answer we ever send.
 EDNS_PAYLOAD = 1232
@@ -119,6 +136,22 @@ class Fault:
     qtype: dns.rdatatype.RdataType | None
     delay: float
     remaining: int | None  # None: until cleared
+    records: tuple[str, ...] = ()  # for the spoofing kinds: master-file lines
+
+
+def _parse_records(lines: Iterable[str]) -> list[dns.rrset.RRset]:
+    """RRsets from lines such as ``mail.example.test. 300 IN A 192.0.2.1`` (ValueError if bad)."""
+    out: list[dns.rrset.RRset] = []
+    for line in lines:
+        parts = line.split(None, 4)
+        if len(parts) != 5 or not parts[0].endswith("."):
+            raise ValueError(f"record {line!r}: expected 'NAME. TTL CLASS TYPE RDATA'")
+        name, ttl, rdclass, rdtype, rdata = parts
+        try:
+            out.append(dns.rrset.from_text(name, int(ttl), rdclass, rdtype, rdata))
+        except (dns.exception.DNSException, ValueError) as exc:
+            raise ValueError(f"record {line!r}: {exc}") from exc
+    return out
 
 
 class _ServedZone:
@@ -310,6 +343,7 @@ class DNSServer:
         qtype: str | None = None,
         delay: float = 0.0,
         count: int | None = None,
+        records: Iterable[str] = (),
     ) -> None:
         """Inject a fault for ``name`` and every name below it.
 
@@ -320,15 +354,27 @@ class DNSServer:
         matching faults the one with the longest name wins, then one with a
         qtype over one without.  ``truncate`` does not affect TCP queries, and
         those do not use up its ``count``.
+
+        The spoofing kinds take ``records``, master-file lines with absolute
+        owner names (``"mail.example.test. 300 IN A 192.0.2.1"``):
+        ``additional`` answers normally and adds them to the additional
+        section; ``foreign_answer`` answers NOERROR with only them in the
+        answer section; ``wrong_question`` answers as if asked about the
+        first record's name and type (question section rewritten), with them
+        in the answer section.
         """
         if kind not in FAULT_KINDS:
             raise ValueError(f"unknown fault kind {kind!r}; expected one of {sorted(FAULT_KINDS)}")
+        records = tuple(records)
+        if (kind in RECORD_FAULTS) != bool(records):
+            raise ValueError(f"fault kind {kind!r}: records are needed by {sorted(RECORD_FAULTS)}")
+        _parse_records(records)
         if delay < 0:
             raise ValueError("delay must be >= 0")
         if count is not None and count < 1:
             raise ValueError("count must be >= 1 or None")
         rdtype = dns.rdatatype.from_text(qtype) if qtype is not None else None
-        fault = Fault(dns.name.from_text(name), kind, rdtype, float(delay), count)
+        fault = Fault(dns.name.from_text(name), kind, rdtype, float(delay), count, records)
         with self._lock:
             self._faults[(fault.name, rdtype)] = fault
 
@@ -341,7 +387,8 @@ class DNSServer:
         """Copies of the faults in force."""
         with self._lock:
             return [
-                Fault(f.name, f.kind, f.qtype, f.delay, f.remaining) for f in self._faults.values()
+                Fault(f.name, f.kind, f.qtype, f.delay, f.remaining, f.records)
+                for f in self._faults.values()
             ]
 
     def load_faults(self, path: Path | str) -> None:
@@ -359,7 +406,7 @@ class DNSServer:
         entries = data.get("fault", [])
         if not isinstance(entries, list):
             raise TypeError(f"{path}: 'fault' must be an array of tables ([[fault]])")
-        allowed = {"name", "kind", "qtype", "delay", "count"}
+        allowed = {"name", "kind", "qtype", "delay", "count", "records"}
         for entry in entries:
             if not isinstance(entry, dict) or "name" not in entry or "kind" not in entry:
                 raise ValueError(f"{path}: every [[fault]] needs 'name' and 'kind'")
@@ -372,6 +419,7 @@ class DNSServer:
                 qtype=entry.get("qtype"),
                 delay=float(entry.get("delay", 0.0)),
                 count=entry.get("count"),
+                records=entry.get("records", ()),
             )
         if "latency" in data:
             latency = float(data["latency"])
@@ -400,7 +448,7 @@ class DNSServer:
                 best.remaining -= 1
                 if best.remaining <= 0:
                     del self._faults[(best.name, best.qtype)]
-            return Fault(best.name, best.kind, best.qtype, best.delay, best.remaining)
+            return Fault(best.name, best.kind, best.qtype, best.delay, best.remaining, best.records)
 
     # ------------------------------------------------------------- query log
 
@@ -480,6 +528,8 @@ class DNSServer:
             served = self._find_zone(qname)
             if served is not None:
                 response.authority.append(served.soa_rrset())
+        elif kind in RECORD_FAULTS and fault is not None:
+            self._spoof(kind, fault.records, qname, qtype, response)
         elif question.rdclass != dns.rdataclass.IN or qtype in (
             dns.rdatatype.AXFR,
             dns.rdatatype.IXFR,
@@ -506,6 +556,26 @@ class DNSServer:
                 response.flags |= dns.flags.TC
                 wire = response.to_wire()
         return wire, delay
+
+    def _spoof(
+        self,
+        kind: str,
+        records: tuple[str, ...],
+        qname: dns.name.Name,
+        qtype: dns.rdatatype.RdataType,
+        response: dns.message.Message,
+    ) -> None:
+        """Fill ``response`` for a spoofing fault (see ``set_fault``)."""
+        rrsets = _parse_records(records)
+        if kind == "additional":
+            self._resolve(qname, qtype, response)
+            response.additional.extend(rrsets)
+            return
+        response.flags |= dns.flags.AA
+        response.answer.extend(rrsets)
+        if kind == "wrong_question":
+            first = rrsets[0]
+            response.question = [dns.rrset.RRset(first.name, dns.rdataclass.IN, first.rdtype)]
 
     def _resolve(
         self, qname: dns.name.Name, qtype: dns.rdatatype.RdataType, response: dns.message.Message
