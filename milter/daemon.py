@@ -43,6 +43,7 @@ import milter
 from heloguard.config import DEFAULT_PATH, Config, ConfigError, GreylistConfig, LogConfig, load
 from heloguard.greylist import Greylist, StoreError, admin_key
 from heloguard.logfmt import printable
+from heloguard.logsink import LogWriter
 from heloguard.resolver import parse_nameserver
 
 if TYPE_CHECKING:
@@ -56,18 +57,45 @@ WATCH_INTERVAL = 2.0
 
 
 def setup_logging(cfg: LogConfig) -> None:
-    """One handler on the ``heloguard`` logger: stderr, or syslog's mail facility."""
+    """One handler on the ``heloguard`` logger: stderr, or syslog's mail facility.
+
+    The records go through a queue to one writer thread (:mod:`heloguard.logsink`),
+    so a libmilter callback never waits on the log's I/O.
+    """
     # One line per decision on a busy MX: skip the record fields no format
     # here uses (the caller's file and line, thread and multiprocessing names).
     logging._srcfile = None  # the logging HOWTO's advice
     logging.logThreads = False
     logging.logMultiprocessing = False
     root = logging.getLogger("heloguard")
-    for h in list(root.handlers):
-        root.removeHandler(h)
     root.setLevel(cfg.level.upper())
     root.propagate = False
+    handler, fallback = _log_target(cfg)
+    old = _LOG_WRITER.pop() if _LOG_WRITER else None
+    writer = LogWriter(handler)
+    _LOG_WRITER.append(writer)
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    root.addHandler(writer.handler)
+    if old is not None:
+        old.stop()  # what it still holds is written first
+    if fallback:
+        root.warning(fallback)
+
+
+def stop_logging() -> None:
+    """Write every queued log line (the daemon is stopping)."""
+    for writer in _LOG_WRITER:
+        writer.stop()
+
+
+_LOG_WRITER: list[LogWriter] = []  # the one in use (a reload replaces it)
+
+
+def _log_target(cfg: LogConfig) -> tuple[logging.Handler, str]:
+    """The handler that writes the lines, and a warning to log if syslog failed."""
     handler: logging.Handler
+    fallback = ""
     if cfg.destination == "syslog":
         try:
             _probe_syslog(cfg.syslog_socket)
@@ -77,16 +105,10 @@ def setup_logging(cfg: LogConfig) -> None:
         except (OSError, KeyError) as exc:
             fallback = f"syslog unavailable ({exc}); logging to stderr"
         else:
-            root.addHandler(handler)
-            return
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter(f"%(asctime)s {NAME}[%(process)d]: %(message)s"))
-        root.addHandler(handler)
-        root.warning(fallback)
-        return
+            return handler, ""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter(f"%(asctime)s {NAME}[%(process)d]: %(message)s"))
-    root.addHandler(handler)
+    return handler, fallback
 
 
 def _probe_syslog(path: str) -> None:
@@ -309,8 +331,10 @@ def serve(args: argparse.Namespace) -> int:
 
     config_path = _config_path(args)
     config = _overrides(load(config_path), args)
+    # before any thread starts (the log writer is the first): only libmilter's
+    # signal thread may take SIGTERM
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     setup_logging(config.log)
-    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # before any thread starts
     metrics = None
     if config.metrics.listen:
         from heloguard.metrics import Metrics
@@ -351,6 +375,7 @@ def serve(args: argparse.Namespace) -> int:
             watcher.stopped.set()
         holder.current.resolver.close()
         log.info("heloguard stopped")
+        stop_logging()
     return 0
 
 

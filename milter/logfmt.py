@@ -15,6 +15,7 @@ _SAFE = frozenset(chr(c) for c in range(0x21, 0x7F)) - {"\\", "<", ">", "[", "]"
 # Fast paths: a text with none of these is returned as it is.
 _ESCAPE_NEEDED = re.compile(r"[^!-~]|[\\<>\[\]=]")
 _PRINTABLE_NEEDED = re.compile(r"[^ -~]|\\")
+_NOT_PRINTABLE_ASCII = re.compile(r"[^ -~]")  # each such character becomes "?" in a reply
 
 # Access keys embedded in DNS list zone names (KEY.zen.dq.spamhaus.net): they
 # must never reach a reply, a log line or a JSON record.
@@ -77,13 +78,10 @@ def printable(text: str, limit: int = 512) -> str:
 
 def for_reply(text: str, limit: int = 100) -> str:
     """Attacker text shown inside an SMTP reply: printable ASCII only, short."""
-    text = redact(text)
-    cleaned = "".join(ch if 0x20 <= ord(ch) < 0x7F else "?" for ch in text)
+    cleaned = _NOT_PRINTABLE_ASCII.sub("?", redact(text))
     return cleaned if len(cleaned) <= limit else cleaned[: limit - 3] + "..."
 
 
 def reply_text(text: str) -> str:
     """A whole reply text made safe for libmilter's smfi_setreply (``%`` doubled)."""
-    text = redact(text)
-    cleaned = "".join(ch if 0x20 <= ord(ch) < 0x7F else "?" for ch in text)
-    return cleaned.replace("%", "%%")
+    return _NOT_PRINTABLE_ASCII.sub("?", redact(text)).replace("%", "%%")

@@ -502,6 +502,31 @@ class Session:
             level = logging.DEBUG if not self.rt.config.log.passes else logging.INFO
         if not log.isEnabledFor(level):
             return
+        # A repeat of a cached decision logs the same line as its last repeat
+        # (reused decisions say dns=0/N ms=0): built once, not per session.
+        memo = decision.lines if decision is not None and decision.reused else None
+        key: tuple[object, ...] = ()
+        if memo is not None:
+            rcpt = self.recipients[-1] if stage == "RCPT" and self.recipients else None
+            key = (what, stage, detail, self.helo_raw, self.sender, rcpt, tuple(warned or ()))
+            text = memo.get(key)
+            if text is not None:
+                log.log(level, text)
+                return
+        text = self._line(what, stage, decision, detail, warned, name_from)
+        if memo is not None and len(memo) < 8:
+            memo[key] = text
+        log.log(level, text)
+
+    def _line(
+        self,
+        what: str,
+        stage: str,
+        decision: Decision | None,
+        detail: str,
+        warned: list[str] | None,
+        name_from: Decision | None,
+    ) -> str:
         name = escape(self._ptr_name(decision or name_from), 255)
         if name == "unknown" and self.helo_decision is not None:  # MAIL/RCPT decisions
             name = escape(self._ptr_name(self.helo_decision), 255)
@@ -531,7 +556,7 @@ class Session:
             parts.append(
                 f"dns={decision.dns_sent}/{decision.dns_queries} ms={decision.elapsed * 1000:.0f}"
             )
-        log.log(level, " ".join(parts))
+        return " ".join(parts)
 
 
 def _unfielded(reply: str) -> str:

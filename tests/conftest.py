@@ -25,6 +25,7 @@ ROOT = TESTS.parent
 if str(TESTS) not in sys.path:
     sys.path.insert(0, str(TESTS))
 
+from heloguard.logsink import BATCH_WAIT  # noqa: E402
 from heloguard.resolver import Resolver, ResolverSettings  # noqa: E402
 
 from dnsserver import DNSServer  # noqa: E402
@@ -169,20 +170,34 @@ class MilterProcess:
         self.wait_for("listening on", timeout=20)
 
     def log(self) -> str:
-        """Everything the daemon logged so far."""
+        """Everything the daemon logged so far.
+
+        The daemon writes its log lines in batches, a moment after the decision
+        (heloguard.logsink): wait until the file has been quiet for longer than
+        a batch, so a line of a session that just ended is in.
+        """
+        size, deadline = -1, time.monotonic() + 3
+        while True:
+            now = self.log_path.stat().st_size
+            if now == size or self.proc.poll() is not None or time.monotonic() > deadline:
+                return self._read()
+            size = now
+            time.sleep(3 * BATCH_WAIT)
+
+    def _read(self) -> str:
         return self.log_path.read_text(errors="replace")
 
     def wait_for(self, text: str, timeout: float = 10, start: int = 0) -> str:
         """Wait until ``text`` appears in the log (after offset ``start``)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            log = self.log()
+            log = self._read()
             if text in log[start:]:
                 return log
             if self.proc.poll() is not None:
                 raise RuntimeError(f"heloguard exited with {self.proc.returncode}:\n{log}")
             time.sleep(0.05)
-        raise TimeoutError(f"{text!r} not logged within {timeout}s:\n{self.log()}")
+        raise TimeoutError(f"{text!r} not logged within {timeout}s:\n{self._read()}")
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
         """Stop the daemon and return its exit status."""

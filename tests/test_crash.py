@@ -323,9 +323,8 @@ def test_injected_exceptions_follow_failure_policy_under_load(
     bots = results[rounds * len(CASES) + rounds :]
     assert all(greylisted(r) for r in good), good
     assert all(r.helo is not None and r.helo.smtp_code == 550 for r in bots), bots
-    log = m.wait_for(TRACEBACKS[-1])
-    for text in TRACEBACKS:
-        assert text in log, text
+    for text in TRACEBACKS:  # logged from many threads: in any order
+        log = m.wait_for(text)
     assert log.count("Traceback") >= len(CASES), log
     assert m.proc.poll() is None, "the daemon must keep serving"
     after = run_session(m.socket, **BOT)
