@@ -359,9 +359,14 @@ def test_full_database(tmp_path: Path) -> None:
     g, _ = sqlite_store(tmp_path)
     g.check(*T)
     assert isinstance(g.backend, SqliteBackend)
-    conn = g.backend._conn()
-    pages = conn.execute("PRAGMA page_count").fetchone()[0]
-    conn.execute(f"PRAGMA max_page_count = {pages + 2}")
+    backend = g.backend
+
+    def limit() -> None:  # on the committer's own connection, where decisions run
+        conn = backend._conn()
+        pages = conn.execute("PRAGMA page_count").fetchone()[0]
+        conn.execute(f"PRAGMA max_page_count = {pages + 2}")
+
+    backend.guarded(limit)
     outcomes = [
         g.check("net:192.0.2.0/24", "a@example.org", f"{'x' * 200}{i}@example.test")
         for i in range(200)
