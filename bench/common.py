@@ -7,6 +7,9 @@ import platform
 import statistics
 import subprocess
 import sys
+import threading
+import time
+from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,6 +40,14 @@ def machine() -> str:
         text=True,
         check=False,
     ).stdout.strip()
+    dirty = subprocess.run(
+        ["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.strip()
+    if git and dirty:
+        git += " with uncommitted changes"
     return (
         f"{cpu}, {os.cpu_count()} cores{mem}; Python {platform.python_version()} "
         f"on {platform.system()} {platform.release()}; heloguard at {git or 'unknown'}"
@@ -55,3 +66,42 @@ def pct(values: list[float], q: float) -> float:
 def median(values: list[float]) -> float:
     """The median."""
     return statistics.median(values) if values else float("nan")
+
+
+def rcpt_replies(
+    sockets: list[str], sessions: int, rcpts: int, seconds: float
+) -> tuple[Counter[str], int]:
+    """``sessions`` threads, each running whole milter sessions of ``rcpts``
+    recipients (the same well-run client, a new recipient each time) against
+    ``sockets`` in turn for ``seconds``: the RCPT reply codes, and the sessions
+    that failed with a connection error."""
+    from miltertest import MilterClient
+
+    codes: list[Counter[str]] = [Counter() for _ in range(sessions)]
+    errors = [0] * sessions
+    stop = time.monotonic() + seconds
+
+    def run(n: int) -> None:
+        i = 0
+        while time.monotonic() < stop:
+            try:
+                with MilterClient(sockets[n % len(sockets)]) as c:
+                    c.negotiate()
+                    c.connect("64.71.1.10", macros={"{daemon_name}": "mx"})
+                    c.helo("ukiah.firemountain.net")
+                    c.mail("rsk@gsp.org", macros={"{auth_authen}": ""})
+                    for _ in range(rcpts):
+                        r = c.rcpt(f"bench{n}x{i}@example.test")
+                        i += 1
+                        if r is not None:
+                            codes[n][r.code] += 1
+                    c.quit()
+            except OSError:
+                errors[n] += 1
+
+    threads = [threading.Thread(target=run, args=(n,)) for n in range(sessions)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return sum(codes, Counter()), sum(errors)

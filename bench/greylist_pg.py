@@ -28,16 +28,14 @@ import subprocess
 import sys
 import tempfile
 import textwrap
-import threading
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import psycopg
-from common import ROOT, TESTS
+from common import ROOT, TESTS, rcpt_replies
 from greylist_rate import cpu_seconds
-from miltertest import MilterClient
 
 from heloguard.config import GreylistConfig
 from heloguard.greylist import Greylist
@@ -201,46 +199,16 @@ def milter_rate(
                 while not (work / f"m{n}.sock").exists():
                     time.sleep(0.05)
             time.sleep(0.5)
-            decisions, errors, failed = [0] * sessions, [0] * sessions, [0] * sessions
             cpu0 = [cpu_seconds(p.pid) for p in procs]
             pg0 = server_cpu(server)
-            stop = time.monotonic() + SECONDS
-
-            def run(n: int) -> None:
-                i = 0
-                while time.monotonic() < stop:
-                    try:
-                        with MilterClient(f"unix:{work}/m{n % 2}.sock") as c:
-                            c.negotiate()
-                            c.connect("64.71.1.10", macros={"{daemon_name}": "mx"})
-                            c.helo("ukiah.firemountain.net")
-                            c.mail("rsk@gsp.org", macros={"{auth_authen}": ""})
-                            for _ in range(rcpts):
-                                r = c.rcpt(f"bench{n}x{i}@example.test")
-                                i += 1
-                                if r is not None and r.code in ("y", "t"):
-                                    decisions[n] += 1  # a first attempt, deferred
-                                elif r is not None and r.code == "c":
-                                    failed[n] += 1  # a pass here followed on_error
-                            c.quit()
-                    except OSError:
-                        errors[n] += 1
-
-            threads = [threading.Thread(target=run, args=(n,)) for n in range(sessions)]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
+            sockets = [f"unix:{work}/m{n}.sock" for n in range(2)]
+            codes, errors = rcpt_replies(sockets, sessions, rcpts, SECONDS)
             cpu = sum(cpu_seconds(p.pid) - c0 for p, c0 in zip(procs, cpu0, strict=True))
             pg_cpu = spent(pg0, server_cpu(server))
-            total = max(sum(decisions), 1)
-            return (
-                sum(decisions) / SECONDS,
-                sum(errors),
-                sum(failed),
-                cpu / total,
-                pg_cpu / total,
-            )
+            decisions = codes["y"] + codes["t"]  # first attempts, deferred
+            failed = codes["c"]  # a pass here followed on_error
+            total = max(decisions, 1)
+            return decisions / SECONDS, errors, failed, cpu / total, pg_cpu / total
         finally:
             for p in procs:
                 p.send_signal(signal.SIGKILL)

@@ -93,6 +93,7 @@ class Result:
     errors: Counter[str] = field(default_factory=Counter)
     mismatches: int = 0
     cpu_seconds: float | None = None
+    user_seconds: float | None = None  # the user part of cpu_seconds (the rest: system)
     peak_rss_kb: int | None = None
 
     @property
@@ -194,8 +195,15 @@ async def _session(address: str, case: Case, result: Result) -> None:
 
 def cpu_seconds(pid: int) -> float:
     """User + system CPU seconds of a process so far."""
+    user, system = cpu_split(pid)
+    return user + system
+
+
+def cpu_split(pid: int) -> tuple[float, float]:
+    """User and system CPU seconds of a process so far."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
 
 
 def peak_rss_kb(pid: int) -> int | None:
@@ -237,12 +245,14 @@ def run(
 ) -> Result:
     """Drive ``sessions`` sessions, ``concurrency`` at a time; measure the milter ``pid``."""
     result = Result()
-    cpu0 = cpu_seconds(pid) if pid else None
+    cpu0 = cpu_split(pid) if pid else None
     started = time.perf_counter()
     asyncio.run(_run(address, cases, concurrency, sessions, result))
     result.seconds = time.perf_counter() - started
     if pid is not None and cpu0 is not None:
-        result.cpu_seconds = cpu_seconds(pid) - cpu0
+        user, system = cpu_split(pid)
+        result.user_seconds = user - cpu0[0]
+        result.cpu_seconds = result.user_seconds + system - cpu0[1]
         result.peak_rss_kb = peak_rss_kb(pid)
     return result
 

@@ -54,7 +54,7 @@ from common import ROOT, TESTS, median, pct
 from dnsserver import DNSServer
 from mta.common import SBIN_PATH, MTASetupError
 from mta.netns import entered
-from mta.postfix import PrivatePostfix, ensure_postfix
+from mta.postfix import PrivatePostfix, contrib_main_cf, ensure_postfix
 from mta.smtpclient import IP_FREEBIND, xtext
 
 T = TypeVar("T")
@@ -125,18 +125,6 @@ REAL_CLIENT_MAIN_CF: dict[str, str | int | bool] = {
     "smtpd_peername_lookup": True,  # PrivatePostfix turns it off: XCLIENT needs none
     "inet_interfaces": "127.0.0.1, [::1]",
 }
-
-
-def contrib_main_cf() -> dict[str, str]:
-    """contrib/postfix/main.cf as settings, without its smtpd_milters."""
-    settings: dict[str, str] = {}
-    for raw in (ROOT / "contrib" / "postfix" / "main.cf").read_text().splitlines():
-        line = raw.strip()
-        if line and not line.startswith("#"):
-            key, _, value = line.partition("=")
-            settings[key.strip()] = value.strip()
-    settings.pop("smtpd_milters", None)
-    return settings
 
 
 # --------------------------------------------------------------------------- namespaces

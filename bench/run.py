@@ -12,10 +12,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import cold_chain
 import generic_names
+import greylist_pg
 import greylist_rate
+import postfix_e2e
+import protocol
 from common import ROOT, machine
 
-SECTIONS = [cold_chain, generic_names, greylist_rate]
+SECTIONS = [protocol, postfix_e2e, cold_chain, generic_names, greylist_rate, greylist_pg]
 
 
 def main() -> int:

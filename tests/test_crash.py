@@ -30,9 +30,8 @@ from typing import Any
 import pytest
 from miltertest import SessionResult, run_session
 
-from conftest import ROOT
 from mta.common import MTASetupError, is_ci
-from mta.postfix import PrivatePostfix, ensure_postfix
+from mta.postfix import PrivatePostfix, contrib_main_cf, ensure_postfix
 from mta.smtpclient import Transcript
 
 pytestmark = pytest.mark.integration
@@ -41,14 +40,9 @@ GOOD: dict[str, Any] = {"ip": "64.71.1.10", "helo": "ukiah.firemountain.net"}
 BOT: dict[str, Any] = {"ip": "103.245.153.249", "helo": "mail.digitaljunction.com.au"}
 
 
-def contrib_main_cf(socket: str) -> dict[str, str]:
+def contrib_settings(socket: str) -> dict[str, str]:
     """contrib/postfix/main.cf as settings, pointed at ``socket``."""
-    settings: dict[str, str] = {}
-    for raw in (ROOT / "contrib" / "postfix" / "main.cf").read_text().splitlines():
-        line = raw.strip()
-        if line and not line.startswith("#"):
-            key, _, value = line.partition("=")
-            settings[key.strip()] = value.strip()
+    settings = contrib_main_cf()
     assert settings["milter_default_action"] == "tempfail", "the snippet's default action"
     settings["smtpd_milters"] = socket
     return settings
@@ -104,7 +98,7 @@ def test_kill_9_under_load_then_restart(
     second_dir.mkdir()
     m = start_milter(config, workdir=first_dir)
     m.replayable = False  # killed mid-write: its last decision record may be cut short
-    settings = {**contrib_main_cf(f"unix:{shared_dir / 'heloguard.sock'}")}
+    settings = {**contrib_settings(f"unix:{shared_dir / 'heloguard.sock'}")}
     try:
         pf = PrivatePostfix(None, extra_main_cf=settings).start()
     except MTASetupError as exc:

@@ -31,6 +31,7 @@ from pathlib import Path
 from types import TracebackType
 
 from .common import (
+    REPO,
     SBIN_PATH,
     MTASetupError,
     apt_install,
@@ -138,6 +139,19 @@ def _main_cf_value(value: str | int | bool) -> str:
     if isinstance(value, bool):
         return "yes" if value else "no"
     return str(value)
+
+
+def contrib_main_cf() -> dict[str, str]:
+    """contrib/postfix/main.cf (the milter lines we ship) as settings, without its
+    ``smtpd_milters``: tests and benchmarks run Postfix the way the README says."""
+    settings: dict[str, str] = {}
+    for raw in (REPO / "contrib" / "postfix" / "main.cf").read_text().splitlines():
+        line = raw.strip()
+        if line and not line.startswith("#"):
+            key, _, value = line.partition("=")
+            settings[key.strip()] = value.strip()
+    settings.pop("smtpd_milters", None)
+    return settings
 
 
 class PrivatePostfix:
