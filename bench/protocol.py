@@ -446,7 +446,7 @@ def run() -> str:
         f"  heloguard's CPU per session went from {hg8:.0f} us at 8 to {hg256:.0f} us at 256",
         f"  ({hg256_sys:.0f} us of it system time): the GIL among libmilter's threads costs",
         "  more the more of them wait for it.  On this shared virtual machine the figure",
-        "  moves a lot between runs (earlier runs of this suite: 0.60 to 0.92).",
+        "  moves a lot between runs (from 0.45 to 0.92 in the runs made during the work).",
         "",
         "### Cold cache, 50 ms per DNS answer",
         "",
