@@ -34,7 +34,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import psycopg
-from common import ROOT, TESTS, rcpt_replies
+from common import ROOT, TESTS, rcpt_replies, synthetic_triplet
 from greylist_rate import cpu_seconds
 
 from heloguard.config import GreylistConfig
@@ -98,17 +98,7 @@ def fill(dsn: str, rows: int) -> tuple[float, int]:
             ) as copy,
         ):
             for i in range(rows):
-                copy.write_row(
-                    (
-                        f"net:10.{i % 250}.{(i // 250) % 250}.0/24",
-                        f"sender{i % 5000}@example{i % 997}.org",
-                        f"user{i}@example.test",
-                        now - 3600,
-                        now - 60,
-                        now - 60 if i % 3 else None,
-                        2,
-                    )
-                )
+                copy.write_row(synthetic_triplet(i, now))
         conn.commit()
         conn.autocommit = True
         conn.execute("VACUUM ANALYZE triplets")

@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import ROOT, TESTS, rcpt_replies
+from common import ROOT, TESTS, rcpt_replies, synthetic_triplet
 
 from heloguard.config import Duration, GreylistConfig
 from heloguard.greylist import SCHEMA_VERSION, Greylist
@@ -47,18 +47,7 @@ def fill(path: Path, rows: int) -> float:
     conn.executemany(
         "INSERT INTO triplets (client, sender, rcpt, first_seen, last_seen, passed_at, attempts) "
         "VALUES (?,?,?,?,?,?,?)",
-        (
-            (
-                f"net:10.{i % 250}.{(i // 250) % 250}.0/24",
-                f"sender{i % 5000}@example{i % 997}.org",
-                f"user{i}@example.test",
-                now - 3600,
-                now - 60,
-                now - 60 if i % 3 else None,
-                2,
-            )
-            for i in range(rows)
-        ),
+        (synthetic_triplet(i, now) for i in range(rows)),
     )
     conn.execute("COMMIT")
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
