@@ -395,9 +395,10 @@ class SqliteBackend(Backend):
 
     def guarded(self, decide: Callable[[], T]) -> T:
         """Run the decision in the committer's next transaction (raises StoreError)."""
-        self._start_committer()
         request = _Request(decide, concurrent.futures.Future())
-        self._requests.put(request)
+        with self._start_lock:  # the committer cannot retire between these two
+            self._start_committer()
+            self._requests.put(request)
         try:
             result: T = request.future.result(timeout=self.cfg.busy_timeout)
         except concurrent.futures.TimeoutError:
@@ -408,18 +409,27 @@ class SqliteBackend(Backend):
         return result
 
     def _start_committer(self) -> None:
-        if self._committer is not None and self._committer.is_alive():
-            return
-        with self._start_lock:
-            if self._committer is None or not self._committer.is_alive():
-                self._committer = threading.Thread(
-                    target=self._commit_loop, name="heloguard-greylist", daemon=True
-                )
-                self._committer.start()
+        """Start the committer unless it runs (the caller holds ``_start_lock``)."""
+        if self._committer is None or not self._committer.is_alive():
+            self._committer = threading.Thread(
+                target=self._commit_loop, name="heloguard-greylist", daemon=True
+            )
+            self._committer.start()
 
     def _commit_loop(self) -> None:
         while True:
-            batch = [self._requests.get()]
+            try:
+                first = self._requests.get(timeout=COMMITTER_IDLE)
+            except queue.Empty:
+                # idle: retire (a store that a reload replaced leaves no thread
+                # behind); the next decision starts a new committer
+                with self._start_lock:
+                    if self._requests.empty():
+                        self._committer = None
+                        self._drop_conn()
+                        return
+                continue
+            batch = [first]
             while len(batch) < MAX_BATCH:
                 try:
                     batch.append(self._requests.get_nowait())
@@ -579,12 +589,14 @@ class SqliteBackend(Backend):
             raise
 
     def close(self) -> None:
-        """Close this thread's connection, and stop the committer."""
-        committer = self._committer
-        if committer is not None and committer.is_alive():
-            self._requests.put(_CLOSE)
+        """Close this thread's connection, and stop the committer (a later decision
+        starts a new one)."""
+        with self._start_lock:
+            committer, self._committer = self._committer, None
+            if committer is not None and committer.is_alive():
+                self._requests.put(_CLOSE)
+        if committer is not None:
             committer.join(timeout=self.cfg.busy_timeout + 5)
-        self._committer = None
         self._drop_conn()
 
 
@@ -598,6 +610,7 @@ class _Request:
 
 _CLOSE = _Request(lambda: None, concurrent.futures.Future())  # stops the committer
 MAX_BATCH = 256  # decisions in one transaction at most
+COMMITTER_IDLE = 60.0  # seconds without a decision before the committer thread retires
 
 
 def backend_for(cfg: GreylistConfig) -> Backend:

@@ -500,3 +500,24 @@ def test_config_check_never_prints_a_database_password(dsn: str, shown: str) -> 
     text = dump(from_mapping({"greylist": {"backend": "postgresql", "dsn": dsn}}))
     assert f"dsn = {json.dumps(shown)}" in text
     assert "s3cr3t" not in text and "b\\' c" not in text
+
+
+def test_the_committer_retires_when_idle_and_comes_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A store a reload replaced must not keep a thread; the next decision starts one."""
+    import heloguard.greylist as greylist_module
+
+    monkeypatch.setattr(greylist_module, "COMMITTER_IDLE", 0.2)
+    g, _ = sqlite_store(tmp_path)
+    assert isinstance(g.backend, SqliteBackend)
+    assert not g.check(*T).passed  # first attempt: greylisted, through the committer
+    committer = g.backend._committer
+    assert committer is not None and committer.is_alive()
+    committer.join(timeout=5)
+    assert not committer.is_alive() and g.backend._committer is None, "retired when idle"
+    again = g.check(*T)
+    assert not again.passed and not again.error, "a new committer answered"
+    g.close()
+    assert g.backend._committer is None
+    assert g.check(*T).error is False, "usable after close, as before"
