@@ -161,8 +161,6 @@ class Decision:
     exempt: str = ""  # why the client is not judged (trusted, exception...), if so
     reused: bool = False  # taken from a recent identical decision: nothing was asked
     overdue: str = ""  # not finished in time (overload): why; deferred, rests on no facts
-    # log lines of this decision's repeats, shared by every copy (session._log)
-    lines: dict[tuple[object, ...], str] = field(default_factory=dict)
 
     def reuse(self) -> Decision:
         """A copy standing for a repeat of this decision: no DNS sent, no time taken."""
@@ -179,7 +177,6 @@ class Decision:
             elapsed=0.0,
             exempt=self.exempt,
             reused=True,
-            lines=self.lines,
         )
 
     def exempted(self, reason: str) -> Decision:

@@ -351,7 +351,7 @@ class Backend(ABC):
     def connect(self) -> Closeable:
         """A new connection to a database migrated to the current schema (raises StoreError)."""
 
-    def guarded(self, decide: Callable[[], T]) -> T:
+    def guarded(self, decide: Callable[[], T], *, write: bool = True) -> T:
         """Run one decision within the backend's time limit (raises StoreError)."""
         return decide()
 
@@ -393,8 +393,13 @@ class SqliteBackend(Backend):
         self._committer: threading.Thread | None = None
         self._start_lock = threading.Lock()
 
-    def guarded(self, decide: Callable[[], T]) -> T:
-        """Run the decision in the committer's next transaction (raises StoreError)."""
+    def guarded(self, decide: Callable[[], T], *, write: bool = True) -> T:
+        """Run the decision in the committer's next transaction (raises StoreError).
+
+        A read (``write=False``: the warn-mode peek) runs here, in the caller's
+        own read transaction: it needs neither the writer nor its queue."""
+        if not write:
+            return decide()
         request = _Request(decide, concurrent.futures.Future())
         with self._start_lock:  # the committer cannot retire between these two
             self._start_committer()
@@ -785,7 +790,7 @@ class Greylist:
         """What check() would say now, without recording anything (the dry-run)."""
         sender, rcpt = normalize_sender(sender), rcpt.strip().strip("<>").lower()
         try:
-            outcome = self.backend.guarded(lambda: self._peek(client, sender, rcpt))
+            outcome = self.backend.guarded(lambda: self._peek(client, sender, rcpt), write=False)
         except StoreError as exc:
             return self._fault(exc)
         self._works()

@@ -330,7 +330,7 @@ class PgBackend(Backend):
 
     # -- decisions within the time limit ------------------------------------
 
-    def guarded(self, decide: Callable[[], T]) -> T:
+    def guarded(self, decide: Callable[[], T], *, write: bool = True) -> T:
         """Run a decision on a worker thread; wait at most db_timeout for it.
 
         The milter's thread never waits longer, whatever the database does

@@ -502,21 +502,7 @@ class Session:
             level = logging.DEBUG if not self.rt.config.log.passes else logging.INFO
         if not log.isEnabledFor(level):
             return
-        # A repeat of a cached decision logs the same line as its last repeat
-        # (reused decisions say dns=0/N ms=0): built once, not per session.
-        memo = decision.lines if decision is not None and decision.reused else None
-        key: tuple[object, ...] = ()
-        if memo is not None:
-            rcpt = self.recipients[-1] if stage == "RCPT" and self.recipients else None
-            key = (what, stage, detail, self.helo_raw, self.sender, rcpt, tuple(warned or ()))
-            text = memo.get(key)
-            if text is not None:
-                log.log(level, text)
-                return
-        text = self._line(what, stage, decision, detail, warned, name_from)
-        if memo is not None and len(memo) < 8:
-            memo[key] = text
-        log.log(level, text)
+        log.log(level, self._line(what, stage, decision, detail, warned, name_from))
 
     def _line(
         self,
