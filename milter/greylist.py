@@ -717,8 +717,12 @@ class Greylist:
     def check(self, client: str, sender: str, rcpt: str) -> Outcome:
         """Record this attempt and say whether it passes (never raises)."""
         sender, rcpt = normalize_sender(sender), rcpt.strip().strip("<>").lower()
+        return self._guarded(lambda: self._check(client, sender, rcpt), write=True)
+
+    def _guarded(self, decide: Callable[[], Outcome], *, write: bool) -> Outcome:
+        """Run a decision on the backend; a store failure follows on_error."""
         try:
-            outcome = self.backend.guarded(lambda: self._check(client, sender, rcpt))
+            outcome = self.backend.guarded(decide, write=write)
         except StoreError as exc:
             return self._fault(exc)
         self._works()
@@ -789,12 +793,7 @@ class Greylist:
     def peek(self, client: str, sender: str, rcpt: str) -> Outcome:
         """What check() would say now, without recording anything (the dry-run)."""
         sender, rcpt = normalize_sender(sender), rcpt.strip().strip("<>").lower()
-        try:
-            outcome = self.backend.guarded(lambda: self._peek(client, sender, rcpt), write=False)
-        except StoreError as exc:
-            return self._fault(exc)
-        self._works()
-        return outcome
+        return self._guarded(lambda: self._peek(client, sender, rcpt), write=False)
 
     def _peek(self, client: str, sender: str, rcpt: str) -> Outcome:
         now = int(self.clock())
