@@ -2,38 +2,49 @@
 
 Pure CPU, no I/O: :func:`classify` takes a name and, when known, the address
 it belongs to, and says ``generic`` or ``real`` with the evidence that
-decided.  Only the labels to the left of the registered domain (ICANN part of
-the Public Suffix List) are judged, so a pool word in a company's own domain
-(``mail.dynamicsoft.com``, ``smtp.hostpoint.ch``) never counts.
+decided: the token, what it means, and what it outweighed.  Only the labels
+to the left of the registered domain (ICANN part of the Public Suffix List)
+are judged, so a pool word in a company's own domain (``mail.dynamicsoft.com``,
+``smtp.hostpoint.ch``) never counts.
 
-The order of judgement, first match wins:
+Generic needs positive evidence in the name itself; a provider's suffix is
+never enough on its own.  The evidence, strongest first:
 
 1. An admin's exception pattern: real.  An admin's extra pattern: generic.
-2. A mail-role word (``mail``, ``smtp``, ``mx``, ``mta``, ``out``, ``outbound``,
-   ``relay``, ``bounce``...): real.  Big senders build names from their
-   addresses for their outbound pools (``a8-12.smtp-out.amazonses.com``,
-   ``out203-205-221-153.mail.qq.com``); the role word says a person named it
-   for mail.
-3. The address inside the name, in any encoding providers use: octets
-   forward or reversed, dashed, dotted, zero-padded or run together, the last
-   two or three octets beside a pool word, hexadecimal (``pD9E49301``), the
-   32-bit decimal integer, base 36, IPv6 hextets, nibbles, the full address or
-   the interface identifier, and an IPv4 address embedded in an IPv6 one.
-   Four octets of some other address count too (a name made from *an*
-   address is generic whoever uses it).
-4. A pool word (``dynamic``, ``dsl``, ``ppp``, ``pool``, ``cable``, ``cpe``,
-   ``customer``, ``static``, ``fios``, ``res``...): generic, with or without an
-   address (``static.vnpt.vn``, ``adsl.viettel.vn`` are placeholders shared by
-   many addresses).
-5. An opaque provider identifier: a MAC address, ``vmi123456``,
-   ``vps-5f3a2b``, ``p522356-ipngn...``, ``pcp...-pcs``, letters and six or
-   more digits: generic.
-6. A cloud or hosting default name (EC2, GCP, Azure, Linode, OVH, Hetzner,
-   Contabo...): generic.  Most of these also carry the address.
-7. Otherwise: real.
+2. A mail-role word (``smtp``, ``mail``, ``mta``, ``relay``, ``mout``,
+   ``outbound``, ``bounce``...), wherever it stands in a token: real.  Relay
+   fleets build names from a data-centre code, the role and a serial
+   (``p3plsmtpa08-03.prod.phx3.secureserver.net``), big senders from their
+   addresses (``a8-12.smtp-out.amazonses.com``, ``out203-205-221-153.mail.qq.com``);
+   the role word says a person named the host for mail.  Only the client's
+   address *and* a pool word together outweigh it.
+3. A word whose meaning depends on where it stands (``mx``, ``pop``, ``out``,
+   ``imap``, ``list``...) is a mail role only at the head of the first label
+   (``mx1.``, ``pop3.``, ``out12.``) and only when the name carries neither the
+   address nor a pool word; elsewhere ``pop`` is a point of presence and ``mx``
+   a router or a country (``mx-ll-1.2.3-4.dynamic.3bb.co.th``).
+4. The client's address inside the name, in any encoding providers use:
+   octets forward, reversed or in another order (byte-swapped, rotated,
+   reversed in pairs), dashed, dotted, zero-padded or run together, two or
+   three octets beside a pool or router word, hexadecimal (whole, reversed,
+   or only the trailing octets), the 32-bit decimal integer, base 36, IPv6
+   hextets, nibbles, the full address, the interface identifier or the MAC
+   address inside an EUI-64 one, and an IPv4 address embedded in an IPv6 one.
+   Four octets of some other address count too.
+5. A pool word (``dynamic``, ``dsl``, ``ppp``, ``pool``, ``cable``, ``cpe``,
+   ``customer``, ``static``, ``cgnat``...): generic, with or without an
+   address (``static.vnpt.vn``, ``adsl.viettel.vn`` are placeholders).
+6. A customer-line or machine identifier: a MAC address, ``vmi123456``,
+   ``vps-5f3a2b``, ``p522356-ipngn...``, letters and six or more digits.
+7. A cloud or hosting provider's suffix (EC2, GCP, Linode, OVH, Contabo...)
+   only together with a serial-number first label (``li123-45``, ``s12345``);
+   alone it is no evidence: the provider's own relays live there too.
+8. Otherwise: real.
 
 Trust: the name is attacker-controlled (the client's reverse zone, or its
-HELO); nothing here raises, whatever the text.
+HELO); nothing here raises, whatever the text.  A bot that can write its own
+PTR can call itself ``smtp1``: which is why ``generic`` stands beside
+``fcrdns`` and the lists, never instead of them.
 """
 
 from __future__ import annotations
@@ -49,18 +60,39 @@ from heloguard.names import labels_left_of_registered, registered_domain_icann
 
 # -- vocabularies --------------------------------------------------------------
 
-# Words (digits stripped) that name a mail role.  A token is a role word when it
-# is one of these, or starts with one of ROLE_PREFIXES (mailout, smtpout, mxout).
-ROLE_WORDS = frozenset(
+# Mail-role words that say "mail" wherever they stand inside a run of letters
+# (``plsmtpa``, ``resqmta``, ``moutng``, ``wbeout`` is not one of them).  Each is
+# long or rare enough that no pool name carries it by chance.
+STRONG_ROLES = (
+    "smtp",
+    "mail",
+    "mta",
+    "relay",
+    "mout",
+    "outbound",
+    "outgoing",
+    "bounce",
+    "sender",
+    "mailer",
+    "mxout",
+    "exim",
+    "postfix",
+    "sendmail",
+    "newsletter",
+    "mlsend",
+)
+# Mail-role words that mean it only at the head of the first label (``mx1``,
+# ``pop3``, ``out12``), and only in a name that carries neither the address nor
+# a pool word.  Digits are stripped before the comparison.
+WEAK_ROLES = frozenset(
     """
-    mail email emails smtp smtps mx mxout mta out outbound outgoing relay relays mailout
-    mailer mailers sender senders bounce bounces bounced exchange mailgw mailhost delivery
-    inbound mailrelay newsletter newsletters list lists mailing postfix sendmail exim
-    mailsrv mailserver esmtp imap pop pop3 webmail mailin mailbox spamfilter antispam
-    mailfilter mailscanner mxin mxa mxb mtaout
+    mx mxa mxb mxin mxs pop pops imap out outs list lists lyris exchange inbound delivery
+    antispam spamfilter gw gateway msa mda lmtp
     """.split()  # noqa: SIM905 - a word list reads best as words
 )
-ROLE_PREFIXES = ("mail", "smtp", "mta", "relay", "outbound", "bounce", "mxout")
+# Letters that end a fleet token with a mail role (GoDaddy's ``p3plwbeout03``,
+# ``p3plibsmtp``): ``out`` after other letters inside a token with digits.
+_FLEET_OUT = re.compile(r"^[a-z]*\d+[a-z]*out\d|^[a-z]{2,}out\d")
 
 # Words providers put in the names of customer address pools, in the languages
 # their subscribers speak (abo, kunde, cliente: subscriber, customer).
@@ -69,7 +101,7 @@ POOL_WORDS = frozenset(
     dynamic dyn dynip dynamicip dhcp dsl adsl vdsl xdsl sdsl hdsl ppp pppoe pppoa pool
     pools cable cablemodem cm cpe client clients customer customers cust subscriber
     subscribers subs sub broadband bb fios ftth fttx fttc fttb fttp fibre fiber res resnet
-    residential home user users dial dialup dialin dip static sta fixed fixip nat cgnat
+    residential home user users dial dialup dialin dip static sta fixed fixip nat cgnat cgn
     gprs umts lte wimax wireless wifi wlan mobile mob catv hfc hsd modem unassigned unused
     unknown noptr norev reverse rev ipv4 ipv6 ip4 ip6 business biz cidr dialpool dsldevice
     adsldevice dyndsl dhcpdsl hosted rdns norevdns unallocated unconfigured notconfigured
@@ -77,8 +109,16 @@ POOL_WORDS = frozenset(
     dinamico dinamica dinamic dynamique statique estatico estatica fixo fixa
     """.split()  # noqa: SIM905 - a word list reads best as words
 )
+# Access-network words: routers, concentrators and points of presence.  Not
+# evidence alone, but octets beside one are the address (``12-34.bras1.``).
+NETWORK_WORDS = frozenset(
+    """
+    bras bng lns lac olt dslam msan pop pops agg aggr nas bbrouter ptp cgnat cgn
+    """.split()  # noqa: SIM905 - a word list reads best as words
+)
 
-# Cloud and hosting defaults that need not carry the address (suffix, evidence).
+# Cloud and hosting providers' suffixes (suffix, evidence).  Supporting
+# evidence only: see step 7 of the module docstring.
 CLOUD_SUFFIXES: tuple[tuple[str, str], ...] = (
     (".compute.amazonaws.com", "Amazon EC2 default name"),
     (".compute-1.amazonaws.com", "Amazon EC2 default name"),
@@ -97,15 +137,18 @@ CLOUD_SUFFIXES: tuple[tuple[str, str], ...] = (
     (".oraclecloud.com", "Oracle Cloud default name"),
     (".aliyun.com", "Alibaba Cloud default name"),
     (".hostwindsdns.com", "Hostwinds default name"),
-    (".secureserver.net", "GoDaddy hosting default name"),
+    (".secureserver.net", "GoDaddy hosting name"),
     (".onlinehome-server.info", "IONOS hosting default name"),
     (".kimsufi.com", "OVH default name"),
     (".ovh.net", "OVH default name"),
     (".hostinger.com", "Hostinger default name"),
 )
+# A serial-number label: a few letters and digits, nothing a person would read.
+_SERIAL_LABEL = re.compile(r"^[a-z]{0,4}\d+(?:[-_][a-z]{0,4}\d+)*$")
 
 _SPLIT = re.compile(r"[^a-z0-9]+")
 _DIGITS = re.compile(r"\d+")
+_LETTERS = re.compile(r"[a-z]+")
 _HEXRUN = re.compile(r"[0-9a-f]+")
 _MAC = re.compile(r"(?<![0-9a-f])(?:[0-9a-f]{2}[-_.]?){5}[0-9a-f]{2}(?![0-9a-f])")
 OPAQUE_SHAPES: tuple[tuple[re.Pattern[str], str], ...] = (
@@ -125,7 +168,7 @@ OPAQUE_SHAPES: tuple[tuple[re.Pattern[str], str], ...] = (
 
 @dataclass(frozen=True, slots=True)
 class Verdict:
-    """The classification of one name."""
+    """The classification of one name: the deciding token, what it means, what it outweighed."""
 
     generic: bool
     kind: str  # address, address-like, pool-word, opaque-id, cloud, role, extra, exception, plain
@@ -171,6 +214,15 @@ def _contains(seq: Sequence[int], sub: Sequence[int]) -> bool:
     return any(list(seq[i : i + n]) == list(sub) for i in range(len(seq) - n + 1))
 
 
+def _window_of(seq: Sequence[int], values: Sequence[int]) -> list[int]:
+    """The first run of len(values) numbers in seq that holds exactly those values."""
+    n, want = len(values), sorted(values)
+    for i in range(len(seq) - n + 1):
+        if sorted(seq[i : i + n]) == want:
+            return list(seq[i : i + n])
+    return []
+
+
 @lru_cache(maxsize=4096)
 def _v4_strings(packed: bytes) -> tuple[tuple[str, str], ...]:
     """Run-together encodings of an IPv4 address: (text, description)."""
@@ -183,6 +235,8 @@ def _v4_strings(packed: bytes) -> tuple[tuple[str, str], ...]:
         ("".join(f"{x:02x}" for x in reversed(o)), "hexadecimal, reversed"),
         (str(value), "32-bit decimal integer"),
         (_to_base36(value), "base 36"),
+        ("".join(f"{x:02x}" for x in o[1:]), "hexadecimal of its last three octets"),
+        ("".join(f"{x:02x}" for x in o[:3]), "hexadecimal of its first three octets"),
     )
 
 
@@ -210,14 +264,21 @@ def _octet_tokens(left: str) -> list[int]:
     return out
 
 
+def _dashed(values: Iterable[int]) -> str:
+    return "-".join(map(str, values))
+
+
 def _v4_in(left: str, addr: ipaddress.IPv4Address, pooled: bool) -> str:
     """How ``addr`` appears in ``left`` ("" when it does not)."""
     o = list(addr.packed)
     nums = _octet_tokens(left)
     if _contains(nums, o):
-        return f"address {addr} as octets ({'-'.join(map(str, o))})"
+        return f"address {addr} as octets ({_dashed(o)})"
     if _contains(nums, o[::-1]):
-        return f"address {addr} as reversed octets ({'-'.join(map(str, o[::-1]))})"
+        return f"address {addr} as reversed octets ({_dashed(o[::-1])})"
+    swapped = _window_of(nums, o)
+    if swapped:
+        return f"address {addr} as octets in another order ({_dashed(swapped)})"
     compact = left.replace("-", "").replace(".", "").replace("_", "")
     for text, how in _v4_strings(addr.packed):
         if len(text) >= 5 and text in compact:
@@ -229,15 +290,32 @@ def _v4_in(left: str, addr: ipaddress.IPv4Address, pooled: bool) -> str:
         return f"address {addr}: its last three octets in the name"
     if _contains(nums, o[:3]) or _contains(nums, o[::-1][1:]):
         return f"address {addr}: its network's three octets in the name"
-    if pooled and (_contains(nums, o[2:]) or _contains(nums, o[::-1][:2])):
+    if not pooled:
+        return ""
+    three = _window_of(nums, o[1:])
+    if three:
+        return f"address {addr}: three of its octets beside a pool word ({_dashed(three)})"
+    if _contains(nums, o[2:]) or _contains(nums, o[::-1][:2]):
         return f"address {addr}: last two octets beside a pool word"
-    if pooled and _contains(nums, o[:2]):
+    if _contains(nums, o[:2]):
         return f"address {addr}: first two octets beside a pool word"
+    tail = f"{o[2]:02x}{o[3]:02x}"
+    if any(tail in run for run in _HEXRUN.findall(left)):
+        return f"address {addr}: its last two octets in hexadecimal ({tail}) beside a pool word"
     return ""
 
 
 def _hex_tokens(left: str) -> list[str]:
     return _HEXRUN.findall(left)
+
+
+def _eui64_mac(full: str) -> str:
+    """The MAC address inside an EUI-64 interface identifier ("" if it is none)."""
+    iid = full[16:]
+    if iid[6:10] != "fffe":
+        return ""
+    first = int(iid[0:2], 16) ^ 0x02  # the universal/local bit is inverted
+    return f"{first:02x}{iid[2:6]}{iid[10:]}"
 
 
 def _v6_in(left: str, addr: ipaddress.IPv6Address, pooled: bool) -> str:
@@ -248,6 +326,9 @@ def _v6_in(left: str, addr: ipaddress.IPv6Address, pooled: bool) -> str:
         return f"address {addr} in full hexadecimal"
     if full[16:] in compact and full[16:].strip("0"):
         return f"address {addr}: interface identifier {full[16:]}"
+    mac = _eui64_mac(full)
+    if mac and mac in compact:
+        return f"address {addr}: the MAC address {mac} of its EUI-64 interface identifier"
     if full[::-1][:16] in compact and full[16:].strip("0"):
         return f"address {addr} as reversed nibbles"
     nibbles = "".join(re.findall(r"(?:^|(?<=[.-]))([0-9a-f])(?=[.-]|$)", left))
@@ -262,6 +343,8 @@ def _v6_in(left: str, addr: ipaddress.IPv6Address, pooled: bool) -> str:
             window = candidate[i : i + 3]
             if any(window) and _contains(tokens, window):
                 return f"address {addr} as hextets ({'-'.join(f'{h:x}' for h in window)})"
+    if full[:16].strip("0") and full[:16] in compact:
+        return f"address {addr}: its /64 prefix {full[:16]}"
     for v4 in _embedded_v4(addr):
         found = _v4_in(left, v4, pooled)
         if found:
@@ -300,7 +383,7 @@ def _address_like(left: str) -> str:
     for i in range(len(nums) - 3):
         window = nums[i : i + 4]
         if all(0 <= x <= 255 for x in window):
-            return f"an IPv4 address in the name ({'-'.join(map(str, window))})"
+            return f"an IPv4 address in the name ({_dashed(window)})"
     nibbles = re.findall(r"(?:^|[.-])([0-9a-f])(?=[.-]|$)", left)
     if len(nibbles) >= 16:
         return "IPv6 nibbles in the name"
@@ -321,18 +404,32 @@ def _tokens(left: str) -> list[str]:
     return [t for t in _SPLIT.split(left) if t]
 
 
-def _role_word(tokens: Iterable[str]) -> str:
+def _strong_role(tokens: Iterable[str]) -> tuple[str, str]:
+    """(token, role word) for the first token whose letters hold a mail-role word."""
     for t in tokens:
-        word = _DIGITS.sub("", t)
-        if word in ROLE_WORDS or (word and word.startswith(ROLE_PREFIXES)):
-            return t
+        for run in _LETTERS.findall(t):
+            for word in STRONG_ROLES:
+                if word in run:
+                    return t, word
+        if _FLEET_OUT.match(t):
+            return t, "out"
+    return "", ""
+
+
+def _weak_role_head(left: str) -> str:
+    """The first token of the first label, when it is a position-dependent role word."""
+    first = _tokens(left.split(".", 1)[0])
+    if first and _DIGITS.sub("", first[0]) in WEAK_ROLES:
+        return first[0]
     return ""
 
 
-def _pool_word(tokens: Iterable[str]) -> str:
+def _word_in(tokens: Iterable[str], words: frozenset[str], skip: str = "") -> str:
     for t in tokens:
+        if t == skip:
+            continue
         word = _DIGITS.sub("", t)
-        if word in POOL_WORDS or t in POOL_WORDS:
+        if word in words or t in words:
             return t
     return ""
 
@@ -378,6 +475,12 @@ def _cloud(name: str) -> str:
     return ""
 
 
+def _also(*found: str) -> str:
+    """The "; outweighs X, Y" tail for the evidence a verdict overrode."""
+    found = tuple(f for f in found if f)
+    return f"; outweighs {', '.join(found)}" if found else ""
+
+
 # -- the classifier ------------------------------------------------------------
 
 
@@ -398,32 +501,49 @@ def classify(
             return Verdict(True, "plain", "a single label")
         return Verdict(False, "plain", "the registered domain itself")
     tokens = _tokens(left)
-    role = _role_word(tokens)
-    if role:
-        return Verdict(False, "role", f"mail-role word {role!r}")
-    pool = _pool_word(tokens)
+    role_token, role = _strong_role(tokens)
+    weak = "" if role else _weak_role_head(left)
+    pool = _word_in(tokens, POOL_WORDS)
+    network = _word_in(tokens, NETWORK_WORDS, skip=weak)
+    found = ""
     if address is not None:
         # The client's own address is looked for in the registered domain too:
         # some providers register a domain per network (OVH's ip-137-74-2.eu),
         # and an exact match of the address's octets is no coincidence.
         scope = _without_suffix(name)
+        pooled = bool(pool or network)
         if isinstance(address, ipaddress.IPv4Address):
-            found = _v4_in(scope, address, bool(pool))
+            found = _v4_in(scope, address, pooled)
         else:
-            found = _v6_in(scope, address, bool(pool))
-        if found:
-            return Verdict(True, "address", found)
-    like = _address_like(left)
+            found = _v6_in(scope, address, pooled)
+    cloud = _cloud(name)
+    if role:
+        if found and pool:
+            return Verdict(
+                True,
+                "address",
+                f"{found} with pool word {pool!r}{_also(f'mail-role word {role!r}')}",
+            )
+        where = f" in {role_token!r}" if role_token != role else ""
+        outweighed = _also(found and "the address in the name", cloud and f"the {cloud}")
+        return Verdict(False, "role", f"mail-role word {role!r}{where}{outweighed}")
+    like = "" if found else _address_like(left)
+    if weak and not (found or pool or like):
+        return Verdict(False, "role", f"mail-role word {weak!r} heads the name{_also(cloud)}")
+    not_role = _also(weak and f"{weak!r} (not a mail role beside an address or pool word)")
+    if found:
+        return Verdict(True, "address", found + not_role)
     if like:
-        return Verdict(True, "address-like", like)
+        return Verdict(True, "address-like", like + not_role)
     if pool:
-        return Verdict(
-            True, "pool-word", f"pool word {pool!r} left of {registered_domain_icann(name)}"
-        )
+        reg = registered_domain_icann(name)
+        return Verdict(True, "pool-word", f"pool word {pool!r} left of {reg}{not_role}")
     opaque = _opaque(left)
     if opaque:
         return Verdict(True, "opaque-id", opaque)
-    cloud = _cloud(name)
+    first = left.split(".", 1)[0]
+    if cloud and _SERIAL_LABEL.match(first):
+        return Verdict(True, "cloud", f"{cloud} with the serial-number label {first!r}")
     if cloud:
-        return Verdict(True, "cloud", cloud)
+        return Verdict(False, "plain", f"no address, pool word or identifier; {cloud} alone")
     return Verdict(False, "plain", "no address, pool word or provider pattern")
