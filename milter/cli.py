@@ -3,6 +3,7 @@
 ``heloguard check``    dry-run: evaluate the rules for one client (or a batch)
                        against live DNS and show every finding and the reply.
 ``heloguard config check``  validate a config file and print the effective config.
+``heloguard whatif``   what the rules would have done to mail already received.
 
 Exit status of ``check``: 0 accept, 4 tempfail, 5 reject (a batch exits 0
 unless the command itself failed); 64 usage error; 78 configuration error.
@@ -392,9 +393,10 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--json", action="store_true", help="one JSON object")
     rep.set_defaults(func=cmd_report)
 
-    from heloguard import daemon
+    from heloguard import daemon, whatif
 
     daemon.add_commands(sub, common)
+    whatif.add_command(sub, common)
     return parser
 
 

@@ -33,7 +33,9 @@ never enough on its own.  The evidence, strongest first:
    Four octets of some other address count too.
 5. A pool word (``dynamic``, ``dsl``, ``ppp``, ``pool``, ``cable``, ``cpe``,
    ``customer``, ``static``, ``cgnat``...): generic, with or without an
-   address (``static.vnpt.vn``, ``adsl.viettel.vn`` are placeholders).
+   address (``static.vnpt.vn``, ``adsl.viettel.vn`` are placeholders).  Short
+   or common ones (``cm``, ``bb``, ``res``, ``sub``, ``home``, ``client``...)
+   only make octets beside them the address; alone they prove nothing.
 6. A customer-line or machine identifier: a MAC address, ``vmi123456``,
    ``vps-5f3a2b``, ``p522356-ipngn...``, letters and six or more digits.
 7. A cloud or hosting provider's suffix (EC2, GCP, Linode, OVH, Contabo...)
@@ -107,6 +109,16 @@ POOL_WORDS = frozenset(
     adsldevice dyndsl dhcpdsl hosted rdns norevdns unallocated unconfigured notconfigured
     abo abonne abonnes kunde kunden cliente clientes clienti utente utenti usuario usuarios
     dinamico dinamica dinamic dynamique statique estatico estatica fixo fixa
+    """.split()  # noqa: SIM905 - a word list reads best as words
+)
+# Pool words that are short or common enough to mean something else alone
+# (``cm11.websitewelcome.com`` is a relay, not a cable modem): they make octets
+# beside them the address, but are no evidence on their own.
+AMBIGUOUS_POOL_WORDS = frozenset(
+    """
+    cm bb res rev reverse sub subs sta mob mobile home user users client clients cust
+    business biz fixed nat cgn lte wireless wifi wlan modem fibre fiber ip4 ip6 ipv4 ipv6
+    unknown cidr dip
     """.split()  # noqa: SIM905 - a word list reads best as words
 )
 # Access-network words: routers, concentrators and points of presence.  Not
@@ -504,6 +516,7 @@ def classify(
     role_token, role = _strong_role(tokens)
     weak = "" if role else _weak_role_head(left)
     pool = _word_in(tokens, POOL_WORDS)
+    plain_pool = _word_in(tokens, POOL_WORDS - AMBIGUOUS_POOL_WORDS)
     network = _word_in(tokens, NETWORK_WORDS, skip=weak)
     found = ""
     if address is not None:
@@ -535,9 +548,9 @@ def classify(
         return Verdict(True, "address", found + not_role)
     if like:
         return Verdict(True, "address-like", like + not_role)
-    if pool:
+    if plain_pool:
         reg = registered_domain_icann(name)
-        return Verdict(True, "pool-word", f"pool word {pool!r} left of {reg}{not_role}")
+        return Verdict(True, "pool-word", f"pool word {plain_pool!r} left of {reg}{not_role}")
     opaque = _opaque(left)
     if opaque:
         return Verdict(True, "opaque-id", opaque)

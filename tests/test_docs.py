@@ -376,3 +376,27 @@ def test_man_page_renders_without_warnings(page: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == "", proc.stderr
     assert "heloguard" in proc.stdout
+
+
+def test_every_encoding_example_in_rules_md_is_read() -> None:
+    """The generic rule's table of address encodings: each example is generic for its address."""
+    import ipaddress
+
+    from heloguard.hostclass import classify
+
+    text = RULES_MD.read_text(encoding="utf-8")
+    table = text[text.index("**Address encodings read**") :]
+    table = table[: table.index("\n\n", table.index("| encoding"))]
+    checked = 0
+    for line in table.splitlines()[3:]:
+        pending: list[str] = []
+        for name, addr in re.findall(r"`([^`]+)`(?:\s*\[([^\]]+)\])?", line.split("|")[2]):
+            pending.append(name)
+            if addr:
+                for n in pending:
+                    v = classify(n, ipaddress.ip_address(addr))
+                    assert v.generic and v.kind == "address", (n, addr, v)
+                    checked += 1
+                pending = []
+        assert not pending, f"an example without its address: {pending}"
+    assert checked >= 20

@@ -19,7 +19,7 @@ import pytest
 
 from heloguard.hostclass import classify
 
-DATA = Path(__file__).resolve().parent / "data" / "generic"
+DATA = Path(__file__).resolve().parent / "data" / "generic" / "synthetic"
 
 
 def rows(name: str) -> list[dict[str, str]]:
