@@ -22,7 +22,8 @@ DEB_BUILD := libmilter-dev gcc
 # postgresql: the greylist's PostgreSQL backend is tested against a real server,
 # a throwaway cluster the tests start from its binaries (tests/pgserver.py).
 DEB_TEST  := postfix libsasl2-modules iproute2 util-linux sqlite3 man-db groff-base \
-             libdb5.3 libldap-2.5-0 libnsl2 libsasl2-2 libssl3 postgresql
+             libdb5.3 libldap-2.5-0 libnsl2 libsasl2-2 libssl3 postgresql \
+             chromium fonts-dejavu-core
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: all venv run test lint type unit bench clean deps-build deps-test soak

@@ -420,4 +420,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # ``python -m heloguard.cli`` runs this file as __main__; the commands in other
+    # modules import heloguard.cli, so run that module's main, whose UsageError
+    # is the one they raise.
+    from heloguard.cli import main as canonical_main
+
+    sys.exit(canonical_main())

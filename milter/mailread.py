@@ -30,7 +30,7 @@ import tempfile
 import zlib
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from email.header import decode_header, make_header
 from email.message import Message
@@ -79,6 +79,8 @@ class Reading:
     unusable: Counter[str] = field(default_factory=Counter)
     by_seen: Counter[str] = field(default_factory=Counter)
     authored: list[Authored] = field(default_factory=list)
+    # Postfix smtpd sessions open in the log: process id -> a line of it was used
+    smtpd_open: dict[str, bool] = field(default_factory=dict)
 
     def skip(self, reason: str) -> None:
         """Count one item that could not be used."""
@@ -93,6 +95,8 @@ def header_text(msg: Message, name: str) -> str:
     value = msg.get(name)
     if value is None:
         return ""
+    if isinstance(value, str) and "=?" not in value:
+        return value  # no encoded words: nothing to decode
     try:
         return str(make_header(decode_header(str(value))))
     except (UnicodeError, LookupError, ValueError, TypeError):
@@ -103,7 +107,15 @@ def _all(msg: Message, name: str) -> list[str]:
     return [str(v) for v in (msg.get_all(name) or [])]
 
 
+_ANGLE = re.compile(r"<([^<>\s\"@]+@[^<>\s\"]+)>\s*$")
+_BARE = re.compile(r"^\s*([^<>\s\"@(),;:]+@[^<>\s\"(),;:]+)\s*$")
+
+
 def _addr(text: str) -> str:
+    """The address of a From:/Return-Path: value (the common forms without the full parser)."""
+    m = _ANGLE.search(text) or _BARE.match(text)
+    if m:
+        return m.group(1).lower()
     return email.utils.parseaddr(text)[1].strip().lower()
 
 
@@ -174,8 +186,12 @@ _FOR = re.compile(r"\bfor\s+<([^<>\s]+)>", re.IGNORECASE)
 
 # Postfix: "NOQUEUE: reject: RCPT from name[addr]: 554 ...; from=<a> to=<b> proto=ESMTP helo=<h>"
 _POSTFIX = re.compile(
-    r"postfix(?:/[\w.-]+)*/smtpd\[\d+\]: (?:\w+: )?(?P<verb>reject|warn|reject_warning): "
+    r"postfix[\w.-]*(?:/[\w.-]+)*/smtpd\[(?P<pid>\d+)\]: (?:\w+: )?"
+    r"(?P<verb>reject|warn|reject_warning): "
     r"(?P<stage>[A-Z]+) from (?P<name>[^\s\[]*)\[(?P<addr>[^\]]+)\]"
+)
+_SMTPD_SESSION = re.compile(
+    r"postfix[\w.-]*(?:/[\w.-]+)*/smtpd\[(?P<pid>\d+)\]: (?P<what>connect|disconnect) from "
 )
 _FIELDS = re.compile(r"\b(from|to|helo)=<([^>]*)>")
 # Sendmail: "sm-mta[123]: QID: from=<a>, size=1, ..., relay=name [addr]" (no HELO in the log)
@@ -215,6 +231,7 @@ def from_log_line(line: str, source: str, reading: Reading, year: int) -> Seen |
     reading.log_lines += 1
     m = _POSTFIX.search(line)
     if m:
+        reading.smtpd_open[m.group("pid")] = True
         fields = dict(_FIELDS.findall(line))
         addr = _ip(m.group("addr"))
         if addr is None:
@@ -249,8 +266,13 @@ def from_log_line(line: str, source: str, reading: Reading, year: int) -> Seen |
             sender=m.group("from") or "",
             kind="log",
         )
-    if "postfix/smtpd[" in line and (" connect from " in line or "client=" in line):
-        reading.skip("Postfix line without a HELO (only reject:/warn: lines carry helo=)")
+    m = _SMTPD_SESSION.search(line)
+    if m:
+        pid = m.group("pid")
+        if m.group("what") == "connect":
+            reading.smtpd_open[pid] = False
+        elif reading.smtpd_open.pop(pid, True) is False:
+            reading.skip("Postfix session with no reject:/warn: line (the only ones with helo=)")
     return None
 
 
@@ -263,9 +285,13 @@ def _open(path: Path) -> BinaryIO:
     return path.open("rb")
 
 
+# A "From " separator line followed by a header: an mbox, even after some garbage.
+_MBOX_FROM = re.compile(rb"(?m)^From \S+ [^\n]*\n[\x21-\x39\x3b-\x7e]+:")
+
+
 def _sniff(head: bytes) -> str:
     """mbox, message or log, from the first bytes of a file."""
-    if head.startswith(b"From "):
+    if head.startswith(b"From ") or _MBOX_FROM.search(head):
         return "mbox"
     first = head.split(b"\n", 1)[0]
     if re.match(rb"^[\x21-\x39\x3b-\x7e]+:", first) and not _SYSLOG_DATE.match(
@@ -364,6 +390,13 @@ def _spool_stdin(stream: BinaryIO) -> Path:
     return Path(tmp)
 
 
+def _named(seen: Seen, path: Path, text: str) -> Seen:
+    """The source as the user named it ("-" for standard input, not the spool file)."""
+    if str(path) == text:
+        return seen
+    return replace(seen, source=text + seen.source[len(str(path)) :])
+
+
 def read(
     paths: Sequence[str], by: Sequence[str], reading: Reading, stdin: BinaryIO | None = None
 ) -> Iterator[Seen]:
@@ -395,7 +428,7 @@ def read(
                 for source, line in _log_lines(path, reading):
                     seen = from_log_line(line, source, reading, year)
                     if seen:
-                        yield seen
+                        yield _named(seen, path, text)
                 continue
             messages = (
                 _messages_mbox(path, reading) if kind == "mbox" else _message_file(path, reading)
@@ -403,7 +436,7 @@ def read(
             for source, msg in messages:
                 seen = from_message(msg, source, by, reading)
                 if seen:
-                    yield seen
+                    yield _named(seen, path, text)
         finally:
             if spooled is not None:
                 spooled.unlink(missing_ok=True)

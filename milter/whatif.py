@@ -51,7 +51,7 @@ CONCURRENCY = 16
 VERDICTS = ("accept", "greylist", "defer", "reject")
 REFUSED = ("greylist", "defer", "reject")
 
-Key = tuple[str, str | None, str | None]  # client address, HELO, envelope sender
+Key = tuple[str, str | None, str | None]  # client address, HELO, the sender's domain
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,6 +151,17 @@ class Correspondence:
 
 
 # -- judging -------------------------------------------------------------------------
+
+
+def client_key(seen: Seen) -> Key:
+    """What a client is judged on: its address, its HELO, and its sender's domain.
+
+    The MAIL-stage rules ask about the sender's domain only, so two senders of
+    one domain from one client are one judgement.
+    """
+    sender = seen.sender
+    domain = sender.rpartition("@")[2].lower() if sender and "@" in sender else sender
+    return (str(seen.client), seen.helo, domain)
 
 
 def _input(seen: Seen) -> CheckInput:
@@ -263,7 +274,7 @@ def run(
         seen.append(item)
     inputs: dict[Key, CheckInput] = {}
     for item in seen:
-        key = (str(item.client), item.helo, item.sender)
+        key = client_key(item)
         if key not in inputs:
             inputs[key] = _input(item)
     progress.total = len(inputs)
@@ -275,7 +286,7 @@ def run(
     progress.done()
     letters = Correspondence.of(result.reading, seen, by)
     for item in seen:
-        d = decisions[(str(item.client), item.helo, item.sender)]
+        d = decisions[client_key(item)]
         out = outcome_of(d, config)
         reply = d.enforced_reply
         result.judged.append(

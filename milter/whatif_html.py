@@ -35,6 +35,8 @@ body { font: 14px/1.4 system-ui, sans-serif; margin: 2em; color: #222; }
 h1 { font-size: 1.4em; } h2 { font-size: 1.1em; margin-top: 2em; }
 table { border-collapse: collapse; margin: .5em 0; }
 th, td { border: 1px solid #ccc; padding: .25em .6em; text-align: left; vertical-align: top; }
+td { max-width: 32em; overflow-wrap: break-word; } td:first-child { white-space: nowrap; }
+span.reply { font-size: 85%; color: #444; }
 th { background: #f2f2f2; } td.n { text-align: right; font-variant-numeric: tabular-nums; }
 .note { color: #555; } .wanted { background: #fff4e5; }
 code { font-size: 90%; }
@@ -47,6 +49,8 @@ def _e(text: object) -> str:
 
 def _table(head: list[str], rows: list[list[str]], cls: str = "") -> str:
     """A table; cells are already escaped."""
+    if not rows:
+        return '<p class="note">None.</p>'
     attr = f' class="{cls}"' if cls else ""
     out = [f"<table{attr}><tr>" + "".join(f"<th>{_e(h)}</th>" for h in head) + "</tr>"]
     for r in rows:
@@ -85,7 +89,7 @@ def chart(judged: list[Judged]) -> str:
         d += step
     top = max(sum(c.values()) for c in counts.values())
     width, height, left, bottom = 760, 260, 40, 40
-    bar = max(2.0, (width - left) / len(buckets) - 2)
+    bar = min(40.0, max(2.0, (width - left) / len(buckets) - 2))
     parts = [
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height + 30}" '
         f'role="img" aria-label="refusals per rule over time" id="chart">',
@@ -138,28 +142,25 @@ def page(result: Result) -> str:
         "not the day the mail came.</p>",
         "<h2>Refused but looks wanted</h2>",
     ]
-    if wanted:
-        body.append(
-            _table(
-                ["date", "sender", "client", "HELO", "outcome", "rule", "reply", "why wanted"],
+    body.append(
+        _table(
+            ["date", "sender", "why wanted", "outcome", "rule", "client", "HELO", "reply"],
+            [
                 [
-                    [
-                        _e(j.seen.date.date() if j.seen.date else ""),
-                        _e(j.seen.sender or j.seen.from_addr or "<>"),
-                        _e(j.seen.client),
-                        _e(j.seen.helo or ""),
-                        _e(j.outcome),
-                        _e(j.rule),
-                        _e(j.reply),
-                        _e(j.wanted),
-                    ]
-                    for j in wanted
-                ],
-                "wanted",
-            )
+                    _e(j.seen.date.date() if j.seen.date else ""),
+                    _e(j.seen.sender or j.seen.from_addr or "<>"),
+                    _e(j.wanted),
+                    _e(j.outcome),
+                    _e(j.rule),
+                    _e(j.seen.client),
+                    _e(j.seen.helo or ""),
+                    f'<span class="reply">{_e(j.reply)}</span>',
+                ]
+                for j in wanted
+            ],
+            "wanted",
         )
-    else:
-        body.append('<p class="note">None.</p>')
+    )
     body += [
         "<h2>Outcomes</h2>",
         _table(["outcome", "messages"], [[_e(v), str(counts.get(v, 0))] for v in VERDICTS]),

@@ -29,6 +29,7 @@ from heloguard.logsink import BATCH_WAIT  # noqa: E402
 from heloguard.resolver import Resolver, ResolverSettings  # noqa: E402
 
 from dnsserver import DNSServer  # noqa: E402
+from whatif_mail import DeliveredMail, deliver_mail  # noqa: E402
 
 ZONES = TESTS / "zones"
 HELOGUARD = [sys.executable, "-m", "heloguard.cli"]
@@ -39,6 +40,28 @@ def zones_server() -> Iterator[DNSServer]:
     """One DNS server for the session, serving tests/zones/ on loopback."""
     with DNSServer(ZONES) as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def delivered_mail(
+    zones_server: DNSServer, tmp_path_factory: pytest.TempPathFactory
+) -> DeliveredMail:
+    """Mail really delivered by a private Postfix and Sendmail, and Postfix's log
+    (tests/whatif_mail.py): a ``whatif_mail.DeliveredMail``.
+
+    Needs root and the MTAs: with CI=true a setup failure fails, elsewhere it skips.
+    """
+    from mta.common import MTASetupError, is_ci
+
+    reason = "needs root (a private Postfix and Sendmail)" if os.geteuid() != 0 else ""
+    if not reason:
+        try:
+            return deliver_mail(tmp_path_factory.mktemp("whatif-mail"), zones_server)
+        except (MTASetupError, OSError, subprocess.SubprocessError) as exc:
+            reason = f"the MTAs could not be set up: {exc}"
+    if is_ci():
+        pytest.fail(f"CI=true: {reason}")
+    pytest.skip(reason)
 
 
 @pytest.fixture

@@ -16,11 +16,26 @@ Mail to any address in ``example.test`` (``TEST_DOMAIN``) is accepted from any
 client: the domain is in ``mydestination`` and ``local_recipient_maps`` is empty.
 Mail to other domains is relayed only for mynetworks (127.0.0.0/8, i.e. a
 session that did not XCLIENT) and SASL-authenticated clients.
+
+Opt-in delivery (``deliver_to=DIR``): mail for ``TEST_DOMAIN`` is then
+delivered for real by virtual(8) instead of discarded: into the Maildir
+``DIR/Maildir/`` (``PrivatePostfix.maildir``), except for the addresses in
+``mbox_recipients``, each of which gets an mbox file ``DIR/<local part>.mbox``
+(``PrivatePostfix.mbox_path(addr)``).  The files belong to ``deliver_user``
+(virtual(8) never delivers as root: ``virtual_minimum_uid`` is at least 1), so
+DIR and every folder above it must be searchable by that user: not under
+pytest's 0700 ``tmp_path``.  Everything else is still discarded.
+
+``map_files`` (name -> text) are written into the instance's directory before
+start, so ``extra_main_cf`` can name them as
+``texthash:$config_directory/NAME`` (texthash needs no postmap), e.g. a
+``check_client_access`` table that REJECTs one test address.
 """
 
 from __future__ import annotations
 
 import os
+import pwd
 import shutil
 import socket
 import subprocess
@@ -87,6 +102,12 @@ anvil     unix  -       -       n       -       1       anvil
 scache    unix  -       -       n       -       1       scache
 postlog   unix-dgram n  -       n       -       1       postlogd
 """
+
+# Added to MASTER_CF only when the instance delivers (deliver_to).
+MASTER_CF_VIRTUAL = """\
+virtual   unix  -       n       n       -       -       virtual
+"""
+MAILDIR_NAME = "Maildir"
 
 
 # (subdirectory, owner, group, mode) of queue_directory: /etc/postfix/postfix-files,
@@ -164,7 +185,15 @@ class PrivatePostfix:
     lets ``postfix start`` run its own checks (and create the queue), 2-3 s
     slower.  ``extra_main_cf`` is
     applied last and overrides anything (``milter_default_action``,
-    ``milter_command_timeout``, ``smtpd_sasl_auth_enable``...).
+    ``milter_command_timeout``, ``smtpd_sasl_auth_enable``,
+    ``smtpd_recipient_restrictions``...).  ``map_files`` are written into the
+    instance directory (``texthash:$config_directory/NAME`` in main.cf).
+
+    ``deliver_to``: ``None`` (the default) discards everything; a directory
+    makes virtual(8) deliver mail for ``TEST_DOMAIN`` into the Maildir
+    ``deliver_to/Maildir/`` and, for each address in ``mbox_recipients``, into
+    the mbox ``deliver_to/<local part>.mbox``, as ``deliver_user`` (static
+    uid/gid).  See the module docstring for the folder permissions.
 
     ``start()`` returns once a 220 banner came back: that probe is one session
     from 127.0.0.1 (milter: connect + close).  So is the first half of every
@@ -184,10 +213,24 @@ class PrivatePostfix:
         directory: str | os.PathLike[str] | None = None,
         start_timeout: float = 30.0,
         integrity_check: bool = False,
+        deliver_to: str | os.PathLike[str] | None = None,
+        mbox_recipients: Sequence[str] = (),
+        deliver_user: str = "nobody",
+        map_files: Mapping[str, str] | None = None,
     ) -> None:
         self.milter = milter
         self.integrity_check = integrity_check
         self.extra_main_cf = dict(extra_main_cf or {})
+        self.deliver_to = Path(deliver_to) if deliver_to is not None else None
+        self.mbox_recipients = tuple(a.lower() for a in mbox_recipients)
+        for addr in self.mbox_recipients:
+            local, _, domain = addr.rpartition("@")
+            if domain != TEST_DOMAIN or not local or "/" in local:
+                raise ValueError(f"mbox recipient {addr!r}: want local@{TEST_DOMAIN}")
+        if self.mbox_recipients and self.deliver_to is None:
+            raise ValueError("mbox_recipients needs deliver_to")
+        self.deliver_user = deliver_user
+        self.map_files = dict(map_files or {})
         self.milter_macros = {**DEFAULT_MILTER_MACROS, **(milter_macros or {})}
         self.host = "127.0.0.1"
         self.port = port if port is not None else free_port(self.host)
@@ -244,6 +287,21 @@ class PrivatePostfix:
         }
         for stage, macros in self.milter_macros.items():
             cf[f"milter_{stage}_macros"] = macros
+        if self.deliver_to is not None:
+            user = pwd.getpwnam(self.deliver_user)
+            cf.update(
+                {
+                    # a domain is either local or virtual, never both
+                    "mydestination": "$myhostname, localhost",
+                    "virtual_mailbox_domains": TEST_DOMAIN,
+                    "virtual_mailbox_base": str(self.deliver_to),
+                    "virtual_mailbox_maps": f"texthash:{d / 'vmailbox'}",
+                    "virtual_uid_maps": f"static:{user.pw_uid}",
+                    "virtual_gid_maps": f"static:{user.pw_gid}",
+                    "virtual_minimum_uid": str(max(1, min(user.pw_uid, 100))),
+                    "virtual_transport": "virtual",
+                }
+            )
         cf.update({k: _main_cf_value(v) for k, v in self.extra_main_cf.items()})
         return cf
 
@@ -266,13 +324,42 @@ class PrivatePostfix:
         os.chmod(data, 0o700)
         if not self.integrity_check:
             (queue / "quick-start").touch()
+        for name, text in self.map_files.items():
+            if "/" in name or name in ("main.cf", "master.cf", "vmailbox"):
+                raise ValueError(f"map file name {name!r}")
+            (d / name).write_text(text)
+            os.chmod(d / name, 0o644)
+        master_cf = MASTER_CF.format(listen=f"{self.host}:{self.port}")
+        if self.deliver_to is not None:
+            self._write_delivery()
+            master_cf += MASTER_CF_VIRTUAL
         (d / "main.cf").write_text("".join(f"{k} = {v}\n" for k, v in self.main_cf().items()))
-        (d / "master.cf").write_text(MASTER_CF.format(listen=f"{self.host}:{self.port}"))
+        (d / "master.cf").write_text(master_cf)
         # postfix(1) re-reads a main.cf younger than about 2 s in 0.3 s steps
         # until it is older (seen with strace): date the files back.
         past = time.time() - 60
         for name in ("main.cf", "master.cf"):
             os.utime(d / name, (past, past))
+
+    def _write_delivery(self) -> None:
+        """virtual(8)'s mailbox map and base directory (owned by deliver_user)."""
+        base = self.deliver_to
+        assert base is not None
+        user = pwd.getpwnam(self.deliver_user)
+        base.mkdir(parents=True, exist_ok=True)
+        os.chown(base, user.pw_uid, user.pw_gid)
+        os.chmod(base, 0o755)
+        for folder in base.resolve().parents:
+            if not folder.stat().st_mode & 0o001:
+                raise MTASetupError(
+                    f"deliver_to {base}: {folder} is not searchable by others, so "
+                    f"virtual(8), running as {self.deliver_user}, cannot reach it"
+                )
+        # the exact address wins over the @domain catch-all (virtual(5) lookup order)
+        rows = [f"{addr}\t{addr.partition('@')[0]}.mbox" for addr in self.mbox_recipients]
+        rows.append(f"@{TEST_DOMAIN}\t{MAILDIR_NAME}/")
+        (self.dir / "vmailbox").write_text("".join(f"{row}\n" for row in rows))
+        os.chmod(self.dir / "vmailbox", 0o644)
 
     # -- life cycle -----------------------------------------------------------
     def _postfix(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -400,6 +487,24 @@ class PrivatePostfix:
         )
 
     # -- inspection -----------------------------------------------------------
+    @property
+    def maillog_path(self) -> Path:
+        """The maillog file (``maillog_file``) that ``log()`` reads."""
+        return self.dir / "maillog"
+
+    @property
+    def maildir(self) -> Path:
+        """The Maildir that mail for TEST_DOMAIN goes to (needs ``deliver_to``)."""
+        if self.deliver_to is None:
+            raise RuntimeError("this PrivatePostfix discards its mail (no deliver_to)")
+        return self.deliver_to / MAILDIR_NAME
+
+    def mbox_path(self, addr: str) -> Path:
+        """The mbox file of one of ``mbox_recipients``."""
+        if self.deliver_to is None or addr.lower() not in self.mbox_recipients:
+            raise KeyError(f"{addr} has no mbox here (mbox_recipients)")
+        return self.deliver_to / f"{addr.lower().partition('@')[0]}.mbox"
+
     def log(self) -> str:
         """The instance's maillog so far ("" if none yet)."""
         try:

@@ -46,12 +46,22 @@ namespace (start it with ``sm.ns_command([...])`` or create its socket under
 Accepted mail goes to a ``devnull`` mailer (``sh -c 'cat >/dev/null'``) that
 ruleset 0 picks for every recipient, with DeliveryMode=interactive: each message
 is delivered (discarded) before the 250 after DATA, so the queue never grows.
+
+Opt-in delivery (``mbox=PATH``): every recipient is then resolved to the
+``local`` mailer as the user ``heloguard-mbox``, which the instance's alias
+file (plain text; Sendmail reads it without a database) turns into
+``PATH``, so Sendmail's own ``*file*`` mailer appends each message there with
+its "From " separator line, as an mbox.  Sendmail writes files as its
+DefaultUser (``daemon``) when the alias file belongs to root, so ``PATH`` is
+created beforehand owned by that user, and its folder and those above must be
+searchable by it.  Still delivered before the 250 after DATA.
 """
 
 from __future__ import annotations
 
 import fcntl
 import os
+import pwd
 import shlex
 import shutil
 import signal
@@ -94,6 +104,10 @@ M4_BIN = Path("usr/bin/m4")
 CF_DIR = Path("usr/share/sendmail/cf")
 LIB_DIR = Path("usr/lib/x86_64-linux-gnu")
 STAMP = ".heloguard-complete"
+# the alias that leads to the mbox file (mbox=)
+MBOX_ALIAS = "heloguard-mbox"
+# whom Sendmail writes files as (confDEF_USER_ID, Sendmail's default 1:1)
+FILE_USER = "daemon"
 
 DEFAULT_MACROS_CONNECT = (
     "j",
@@ -251,7 +265,10 @@ class PrivateSendmail:
     add the ``{client_*}`` macros at connect; ENVFROM has ``{auth_authen}``).
     ``nameservers`` go into the private resolv.conf, ``hosts`` (name -> address)
     into the private /etc/hosts; ``extra_mc`` is appended to the .mc before the
-    mailer and rule sections.
+    mailer and rule sections.  ``mbox``: ``None`` (the default) discards every
+    message; a path delivers every accepted message into that mbox file (see
+    the module docstring).  ``log_tag`` is the syslog tag (``-L``): ``sm-mta``
+    is what Debian's sendmail logs as.
 
     Start it from a thread that outlives it (pytest's main thread): it dies
     with the thread that started it (PR_SET_PDEATHSIG).
@@ -272,6 +289,8 @@ class PrivateSendmail:
         nameservers: Sequence[str] = ("127.0.0.1",),
         hosts: Mapping[str, str] | None = None,
         extra_mc: str = "",
+        mbox: str | os.PathLike[str] | None = None,
+        log_tag: str = "sm-test",
         root: Path | None = None,
         directory: str | os.PathLike[str] | None = None,
         start_timeout: float = 30.0,
@@ -290,6 +309,8 @@ class PrivateSendmail:
         self.nameservers = tuple(nameservers)
         self.hosts = dict(hosts or {})
         self.extra_mc = extra_mc
+        self.mbox = Path(mbox) if mbox is not None else None
+        self.log_tag = log_tag
         self._root = root
         self._own_dir = directory is None
         self.dir = Path(directory) if directory else Path(tempfile.mkdtemp(prefix="sm-"))
@@ -316,7 +337,7 @@ class PrivateSendmail:
             f"define(`confDOMAIN_NAME', `{self.hostname}')dnl",
             f"define(`QUEUE_DIR', `{d / 'queue'}')dnl",
             f"define(`STATUS_FILE', `{d / 'statistics'}')dnl",
-            "define(`ALIAS_FILE', `')dnl",
+            f"define(`ALIAS_FILE', `{d / 'aliases' if self.mbox is not None else ''}')dnl",
             f"define(`HELP_FILE', `{helpfile}')dnl",
             f"define(`confPID_FILE', `{d / 'sendmail.pid'}')dnl",
             f"define(`confHOSTS_FILE', `{d / 'hosts'}')dnl",
@@ -363,8 +384,13 @@ class PrivateSendmail:
             # A= must hold $u, or Sendmail speaks SMTP to the program
             "Mdevnull,\tP=/bin/sh, F=lsDFM, A=sh -c /bin/cat>/dev/null $u",
             "LOCAL_RULE_0",
-            "R$+\t\t$#devnull $: $1",
         ]
+        if self.mbox is None:
+            lines.append("R$+\t\t$#devnull $: $1")
+        else:
+            # any user@host to the alias; what the alias gives (the file) to local,
+            # which hands a "/path" recipient to the *file* mailer
+            lines += [f"R$+ < @ $+ >\t$#local $: {MBOX_ALIAS}", "R$+\t\t$#local $: $1"]
         return "\n".join(lines) + "\n"
 
     def write_config(self) -> None:
@@ -404,6 +430,27 @@ class PrivateSendmail:
             "passwd:\tfiles\ngroup:\tfiles\nshadow:\tfiles\nhosts:\tfiles dns\n"
         )
         (d / "start.sh").write_text(self._start_script())
+        if self.mbox is not None:
+            self._write_mbox_delivery()
+
+    def _write_mbox_delivery(self) -> None:
+        """The alias to the mbox, and the mbox itself, owned by the file-writing user."""
+        mbox = self.mbox
+        assert mbox is not None
+        if any(c in str(mbox) for c in ' \t\n,:#"') or not mbox.is_absolute():
+            raise MTASetupError(f"mbox {mbox}: want an absolute path without blanks, ',' or ':'")
+        user = pwd.getpwnam(FILE_USER)
+        mbox.parent.mkdir(parents=True, exist_ok=True)
+        for folder in (mbox.parent, *mbox.parent.parents):
+            if not folder.stat().st_mode & 0o001:
+                raise MTASetupError(
+                    f"mbox {mbox}: {folder} is not searchable by others, so Sendmail, "
+                    f"writing files as {FILE_USER}, cannot reach it"
+                )
+        mbox.touch()
+        os.chown(mbox, user.pw_uid, user.pw_gid)
+        os.chmod(mbox, 0o600)
+        (self.dir / "aliases").write_text(f"{MBOX_ALIAS}: {mbox}\n")
 
     def _start_script(self) -> str:
         d = shlex.quote(str(self.dir))
@@ -443,7 +490,7 @@ private_dev() {{
 }}
 private_dev || echo "heloguard: no private /dev/log; sendmail will not log" >&2
 export LD_LIBRARY_PATH={lib}
-exec {binary} -bD -C "$D/sendmail.cf" -L sm-test
+exec {binary} -bD -C "$D/sendmail.cf" -L {shlex.quote(self.log_tag)}
 """
 
     # -- life cycle -----------------------------------------------------------
