@@ -97,7 +97,8 @@ WEAK_ROLES = frozenset(
 _FLEET_OUT = re.compile(r"^[a-z]*\d+[a-z]*out\d|^[a-z]{2,}out\d")
 
 # Words providers put in the names of customer address pools, in the languages
-# their subscribers speak (abo, kunde, cliente: subscriber, customer).
+# their subscribers speak (abo, kunde, cliente: subscriber, customer; bredband,
+# breitband: broadband; hsia: high-speed internet access).
 POOL_WORDS = frozenset(
     """
     dynamic dyn dynip dynamicip dhcp dsl adsl vdsl xdsl sdsl hdsl ppp pppoe pppoa pool
@@ -108,7 +109,8 @@ POOL_WORDS = frozenset(
     unknown noptr norev reverse rev ipv4 ipv6 ip4 ip6 business biz cidr dialpool dsldevice
     adsldevice dyndsl dhcpdsl hosted rdns norevdns unallocated unconfigured notconfigured
     abo abonne abonnes kunde kunden cliente clientes clienti utente utenti usuario usuarios
-    dinamico dinamica dinamic dynamique statique estatico estatica fixo fixa
+    dinamico dinamica dinamic dynamique statique estatico estatica fixo fixa leased line
+    bredband breitband hsia
     """.split()  # noqa: SIM905 - a word list reads best as words
 )
 # Pool words that are short or common enough to mean something else alone
@@ -118,8 +120,32 @@ AMBIGUOUS_POOL_WORDS = frozenset(
     """
     cm bb res rev reverse sub subs sta mob mobile home user users client clients cust
     business biz fixed nat cgn lte wireless wifi wlan modem fibre fiber ip4 ip6 ipv4 ipv6
-    unknown cidr dip
+    cidr dip line
     """.split()  # noqa: SIM905 - a word list reads best as words
+)
+# Pool words long enough to be recognised inside a compound (``dipool``,
+# ``dslpool``, ``adslclient``): a prefix or suffix of at most three letters.
+COMPOUND_POOL_WORDS = frozenset(
+    """
+    pool dynamic dhcp dialup pppoe adsl vdsl xdsl broadband cablemodem customer subscriber
+    residential leased
+    """.split()  # noqa: SIM905 - a word list reads best as words
+)
+# Roots that make a pool name anywhere inside a run of letters (``athedsl-``).
+POOL_ROOTS = ("dsl", "ppp", "dhcp")
+# Placeholders for "no name was set", however they are spelled and split.
+PLACEHOLDERS = (
+    "noreverse",
+    "norevdns",
+    "nordns",
+    "noptr",
+    "notset",
+    "notassigned",
+    "unassigned",
+    "notconfigured",
+    "unconfigured",
+    "notdefined",
+    "nohostname",
 )
 # Access-network words: routers, concentrators and points of presence.  Not
 # evidence alone, but octets beside one are the address (``12-34.bras1.``).
@@ -154,9 +180,10 @@ CLOUD_SUFFIXES: tuple[tuple[str, str], ...] = (
     (".kimsufi.com", "OVH default name"),
     (".ovh.net", "OVH default name"),
     (".hostinger.com", "Hostinger default name"),
+    (".dedibox.fr", "Scaleway Dedibox default name"),
 )
 # A serial-number label: a few letters and digits, nothing a person would read.
-_SERIAL_LABEL = re.compile(r"^[a-z]{0,4}\d+(?:[-_][a-z]{0,4}\d+)*$")
+_SERIAL_LABEL = re.compile(r"^[a-z]{0,6}[-_]?\d+(?:[-_][a-z]{0,4}\d+)*$")
 
 _SPLIT = re.compile(r"[^a-z0-9]+")
 _DIGITS = re.compile(r"\d+")
@@ -171,6 +198,10 @@ OPAQUE_SHAPES: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r"^(?:vps|vds|srv|server|node|host|ded)-?\d{5,}$"), "server identifier"),
     (re.compile(r"^[a-z]{1,3}\d{6,}$"), "letters and a long serial number"),
     (re.compile(r"^cpe-?[0-9a-f]{12}$"), "CPE and a MAC address"),
+    (
+        re.compile(r"^(?=(?:[a-z]*\d){4})(?=(?:\d*[a-z]){6})[a-z0-9]{16,}$"),
+        "random instance identifier",
+    ),
     (
         re.compile(r"^(?=[0-9a-f]*[a-f][0-9a-f]*[a-f])(?=(?:[a-f]*\d){4})[0-9a-f]{12,}$"),
         "hex identifier",
@@ -443,6 +474,13 @@ def _word_in(tokens: Iterable[str], words: frozenset[str], skip: str = "") -> st
         word = _DIGITS.sub("", t)
         if word in words or t in words:
             return t
+        for run in _LETTERS.findall(t):
+            for w in COMPOUND_POOL_WORDS & words:
+                # dipool, dslpool, poolc: a pool word with a short prefix or suffix
+                if run != w and len(run) - len(w) <= 3 and (run.startswith(w) or run.endswith(w)):
+                    return t
+            if any(root in run for root in POOL_ROOTS if root in words):
+                return t  # athedsl, ppptel: roots no word of any language carries
     return ""
 
 
@@ -548,6 +586,10 @@ def classify(
         return Verdict(True, "address", found + not_role)
     if like:
         return Verdict(True, "address-like", like + not_role)
+    squeezed = _SPLIT.sub("", left)
+    placeholder = next((p for p in PLACEHOLDERS if p in squeezed), "")
+    if placeholder:
+        return Verdict(True, "pool-word", f"placeholder {placeholder!r}: no name was set")
     if plain_pool:
         reg = registered_domain_icann(name)
         return Verdict(True, "pool-word", f"pool word {plain_pool!r} left of {reg}{not_role}")
