@@ -291,12 +291,16 @@ _WORD_DIGITS = re.compile(r"^([a-z]*)(\d{1,3})$|^(\d{1,3})([a-z]*)$")
 _NOT_HEX = re.compile(r"[g-z]")
 
 
-def _octet_tokens(left: str) -> list[int]:
+def _octet_tokens(left: str, bare: list[bool] | None = None) -> list[int]:
+    """The numbers of the name that could be octets; ``bare`` gets, for each,
+    whether it stood alone (``12``) rather than glued to letters (``host12``)."""
     out: list[int] = []
     for token in _ALNUM.findall(left):
         if token.isdigit():
             if len(token) <= 3:
                 out.append(int(token))
+                if bare is not None:
+                    bare.append(True)
             continue
         m = _WORD_DIGITS.match(token)
         if m:
@@ -304,6 +308,8 @@ def _octet_tokens(left: str) -> list[int]:
             digits = m.group(2) or m.group(3)
             if _NOT_HEX.search(letters):
                 out.append(int(digits))
+                if bare is not None:
+                    bare.append(False)
     return out
 
 
@@ -421,11 +427,16 @@ def _embedded_v4(addr: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
 
 
 def _address_like(left: str) -> str:
-    """Four octets of some address in a row (a name made from an address)."""
-    nums = _octet_tokens(left)
+    """Four octets of some address in a row (a name made from an address).
+
+    Only the first of the four may be glued to letters (``host10-1-2-3``):
+    serials such as ``bay0-omc3-s14.bay0`` are a fleet's numbering, not an address.
+    """
+    bare: list[bool] = []
+    nums = _octet_tokens(left, bare)
     for i in range(len(nums) - 3):
         window = nums[i : i + 4]
-        if all(0 <= x <= 255 for x in window):
+        if all(0 <= x <= 255 for x in window) and all(bare[i + 1 : i + 4]):
             return f"an IPv4 address in the name ({_dashed(window)})"
     nibbles = re.findall(r"(?:^|[.-])([0-9a-f])(?=[.-]|$)", left)
     if len(nibbles) >= 16:

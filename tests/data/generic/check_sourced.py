@@ -1,4 +1,4 @@
-"""Validate the sourced host-name corpora (real_senders.csv, pool_names.csv, parts/*.csv).
+"""Validate the sourced host-name corpora: real_senders.csv, pool_names.csv, new rows.
 
     python3 tests/data/generic/check_sourced.py [FILE ...]
 
