@@ -133,6 +133,9 @@ COMPOUND_POOL_WORDS = frozenset(
 )
 # Roots that make a pool name anywhere inside a run of letters (``athedsl-``).
 POOL_ROOTS = ("dsl", "ppp", "dhcp")
+# ... at either end of a run of at most this many letters (a longer run is a
+# word or noise, not a pool code).
+_ROOT_RUN = 12
 # Placeholders for "no name was set", however they are spelled and split.
 PLACEHOLDERS = (
     "noreverse",
@@ -490,7 +493,9 @@ def _word_in(tokens: Iterable[str], words: frozenset[str], skip: str = "") -> st
                 # dipool, dslpool, poolc: a pool word with a short prefix or suffix
                 if run != w and len(run) - len(w) <= 3 and (run.startswith(w) or run.endswith(w)):
                     return t
-            if any(root in run for root in POOL_ROOTS if root in words):
+            if len(run) <= _ROOT_RUN and any(
+                run.startswith(root) or run.endswith(root) for root in POOL_ROOTS if root in words
+            ):
                 return t  # athedsl, ppptel: roots no word of any language carries
     return ""
 

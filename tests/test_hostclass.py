@@ -107,6 +107,9 @@ ROWS = [
     ("fleet out", "72.167.218.215", "p3plwbeout03-03.prod.phx3.secureserver.net", False, "role"),
     ("ionos mout", "212.227.17.10", "mout.kundenserver.de", False, "role"),
     # four small numbers glued to letters are a fleet's serials, not an address
+    # a pool root counts at the end of a short run only, not inside noise
+    ("root in a short run", "198.51.100.7", "athedsl-4521.isp-example.net", True, "pool-word"),
+    ("root in a long run", "198.51.100.7", "x-" + "p" * 40 + ".isp-example.net", False, "plain"),
     ("glued serials", "65.54.246.214", "bay0-omc3-s14.bay0.hotmail.com", False, "plain"),
     ("glued first octet", "198.51.100.7", "host10-1-2-3.isp-example.net", True, "address-like"),
     (
