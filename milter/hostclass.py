@@ -202,7 +202,9 @@ OPAQUE_SHAPES: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r"^[a-z]{1,3}\d{6,}$"), "letters and a long serial number"),
     (re.compile(r"^cpe-?[0-9a-f]{12}$"), "CPE and a MAC address"),
     (
-        re.compile(r"^(?=(?:[a-z]*\d){4})(?=(?:\d*[a-z]){6})[a-z0-9]{16,}$"),
+        # optionally after a short word: node-1w7jr9qsv51tb41p80xpg7667 (an
+        # address in base 32)
+        re.compile(r"^(?:[a-z]{1,6}-)?(?=(?:[a-z]*\d){4})(?=(?:\d*[a-z]){6})[a-z0-9]{16,}$"),
         "random instance identifier",
     ),
     (

@@ -107,6 +107,14 @@ ROWS = [
     ("fleet out", "72.167.218.215", "p3plwbeout03-03.prod.phx3.secureserver.net", False, "role"),
     ("ionos mout", "212.227.17.10", "mout.kundenserver.de", False, "role"),
     # four small numbers glued to letters are a fleet's serials, not an address
+    # an opaque token after a short word (TELUS, tests/data/generic/pool_names.csv)
+    (
+        "word and random token",
+        "2001:569:7bc3:ce00:a4b2:4936:f0f6:3eff",
+        "node-1w7jr9qsv51tb41p80xpg7667.ipv6.telus.net",
+        True,
+        "opaque-id",
+    ),
     # a pool root counts at the end of a short run only, not inside noise
     ("root in a short run", "198.51.100.7", "athedsl-4521.isp-example.net", True, "pool-word"),
     ("root in a long run", "198.51.100.7", "x-" + "p" * 40 + ".isp-example.net", False, "plain"),
