@@ -38,10 +38,10 @@ CONNECT_MACROS = "{daemon_name}"
 ENVFROM_MACROS = "{auth_authen}"
 
 _RETURN = {
-    Act.CONTINUE: Milter.CONTINUE,
-    Act.ACCEPT: Milter.ACCEPT,
-    Act.REJECT: Milter.REJECT,
-    Act.TEMPFAIL: Milter.TEMPFAIL,
+    Act.CONTINUE: int(Milter.CONTINUE),
+    Act.ACCEPT: int(Milter.ACCEPT),
+    Act.REJECT: int(Milter.REJECT),
+    Act.TEMPFAIL: int(Milter.TEMPFAIL),
 }
 
 
@@ -54,9 +54,8 @@ class RuntimeHolder:
 
     @property
     def current(self) -> Runtime:
-        """The runtime new connections get."""
-        with self._lock:
-            return self._runtime
+        """The runtime new connections get (reading one attribute needs no lock)."""
+        return self._runtime
 
     def swap(self, runtime: Runtime) -> Runtime:
         """Install a new runtime and return the old one."""
@@ -112,16 +111,25 @@ class HeloguardMilter(Milter.Base):  # type: ignore[misc]  # pymilter has no typ
 
     def hello(self, hostname: str) -> int:
         """HELO/EHLO: the verdict."""
-        return self._step(lambda s: s.helo(hostname), "HELO")
+        try:
+            return self._answer(self._session().helo(hostname))
+        except Exception:  # noqa: BLE001 - logged there; a callback never crashes the daemon
+            return self._failed("HELO")
 
     def envfrom(self, sender: str, *params: str) -> int:
         """MAIL FROM."""
-        auth = self._macro("{auth_authen}")
-        return self._step(lambda s: s.mail(_strip(sender), auth), "MAIL")
+        try:
+            auth = self._macro("{auth_authen}")
+            return self._answer(self._session().mail(_strip(sender), auth))
+        except Exception:  # noqa: BLE001 - logged there; a callback never crashes the daemon
+            return self._failed("MAIL")
 
     def envrcpt(self, recipient: str, *params: str) -> int:
         """RCPT TO."""
-        return self._step(lambda s: s.rcpt(_strip(recipient)), "RCPT")
+        try:
+            return self._answer(self._session().rcpt(_strip(recipient)))
+        except Exception:  # noqa: BLE001 - logged there; a callback never crashes the daemon
+            return self._failed("RCPT")
 
     def eom(self) -> int:
         """End of message: nothing to do (heloguard never reads DATA)."""
@@ -149,24 +157,28 @@ class HeloguardMilter(Milter.Base):  # type: ignore[misc]  # pymilter has no typ
             return None
         return str(value) if value else None
 
-    def _step(self, call: Any, stage: str) -> int:
+    def _session(self) -> Session:
+        if self.session is None:
+            raise RuntimeError("no session (connect failed or was not called)")
+        return self.session
+
+    def _answer(self, step: Step) -> int:
+        """The libmilter return code of a step, its reply set first."""
+        r = step.reply
+        if r is not None:
+            self.setreply(str(r.code), r.status, reply_text(r.text))
+        return _RETURN[step.act]
+
+    def _failed(self, stage: str) -> int:
+        """A callback raised: log it, answer per the failure policy."""
+        log.exception("%s callback failed; failure policy %s", stage, self.failure_policy)
+        if self.failure_policy == "accept":
+            return int(Milter.CONTINUE)
         try:
-            if self.session is None:
-                raise RuntimeError("no session (connect failed or was not called)")
-            step: Step = call(self.session)
-            if step.reply is not None:
-                r = step.reply
-                self.setreply(str(r.code), r.status, reply_text(r.text))
-            return int(_RETURN[step.act])
+            self.setreply("451", "4.3.0", "Temporary local problem; try again later")
         except Exception:
-            log.exception("%s callback failed; failure policy %s", stage, self.failure_policy)
-            if self.failure_policy == "accept":
-                return int(Milter.CONTINUE)
-            try:
-                self.setreply("451", "4.3.0", "Temporary local problem; try again later")
-            except Exception:
-                log.exception("setreply failed")
-            return int(Milter.TEMPFAIL)
+            log.exception("setreply failed")
+        return int(Milter.TEMPFAIL)
 
 
 def _strip(address: str) -> str:

@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 import milter
 
+from heloguard import logsink
 from heloguard.config import DEFAULT_PATH, Config, ConfigError, GreylistConfig, LogConfig, load
 from heloguard.greylist import Greylist, StoreError, admin_key
 from heloguard.logfmt import printable
@@ -77,6 +78,7 @@ def setup_logging(cfg: LogConfig) -> None:
     for h in list(root.handlers):
         root.removeHandler(h)
     root.addHandler(writer.handler)
+    logsink.install(writer)
     if old is not None:
         old.stop()  # what it still holds is written first
     if fallback:

@@ -8,6 +8,12 @@ per session under load (``bench/protocol.py``).  The callback now only puts
 the record on a queue; one thread formats what has piled up and writes it
 with one ``write()`` for a stream, or hands each record to a syslog handler.
 
+A decision line needs no formatting in the callback either: :func:`defer`
+queues the logger, the level and a message object whose ``str()`` is the
+line (``heloguard.session`` passes one holding the session's facts), and the
+writer builds the record and the text.  Where no writer serves the logger
+(tests, the dry-run), :func:`defer` logs the message the ordinary way.
+
 Nothing is dropped: the queue is unbounded (a record is small, and the
 writer keeps up with any load the milter can take), and :meth:`stop` writes
 everything queued before it returns (``serve`` calls it on the way out; an
@@ -27,11 +33,15 @@ from typing import TextIO
 _STOP = None  # the sentinel that ends the writer
 BATCH_WAIT = 0.05  # seconds a line may wait to be written with others
 
+# A line queued by defer(): the logger, the level, the message, time.time().
+Deferred = tuple[logging.Logger, int, object, float]
+Item = logging.LogRecord | Deferred | None
+
 
 class QueuedHandler(logging.Handler):
     """Put records on a queue for :class:`LogWriter`; never blocks on I/O."""
 
-    def __init__(self, sink: queue.SimpleQueue[logging.LogRecord | None]) -> None:
+    def __init__(self, sink: queue.SimpleQueue[Item]) -> None:
         super().__init__()
         self.sink = sink
 
@@ -52,7 +62,7 @@ class LogWriter:
 
     def __init__(self, target: logging.Handler) -> None:
         self.target = target
-        self.queue: queue.SimpleQueue[logging.LogRecord | None] = queue.SimpleQueue()
+        self.queue: queue.SimpleQueue[Item] = queue.SimpleQueue()
         self.handler = QueuedHandler(self.queue)
         self._thread = threading.Thread(target=self._run, name="heloguard-log", daemon=True)
         self._stopped = False
@@ -70,11 +80,20 @@ class LogWriter:
                     batch.append(self.queue.get_nowait())
                 except queue.Empty:
                     break
-            records = [r for r in batch if r is not _STOP]
+            records = [_record(r) for r in batch if r is not _STOP]
             if records:
                 self._write(records)
             if len(records) < len(batch):
                 return
+
+    def serves(self, logger: logging.Logger) -> bool:
+        """True when every record of ``logger`` goes to this writer and nowhere else."""
+        seen = logger
+        while not seen.handlers:
+            if not seen.propagate or seen.parent is None:
+                return False
+            seen = seen.parent
+        return seen.handlers == [self.handler] and not seen.propagate
 
     def _write(self, records: list[logging.LogRecord]) -> None:
         target = self.target
@@ -100,6 +119,36 @@ class LogWriter:
         if self._stopped:
             return
         self._stopped = True
+        if _current[0] is self:
+            _current[0] = None
         self.queue.put(_STOP)
         self._thread.join(timeout)
         self.target.close()
+
+
+_current: list[LogWriter | None] = [None]  # the writer defer() hands lines to
+
+
+def install(writer: LogWriter | None) -> None:
+    """Make ``writer`` the one :func:`defer` uses (None: log the ordinary way)."""
+    _current[0] = writer
+
+
+def defer(logger: logging.Logger, level: int, msg: object) -> None:
+    """Log ``msg`` at ``level``, its text made by the writer thread when one serves
+    ``logger``; the caller checks ``logger.isEnabledFor(level)`` first."""
+    writer = _current[0]
+    if writer is not None and writer.serves(logger):
+        writer.queue.put((logger, level, msg, time.time()))
+    else:
+        logger.log(level, msg)
+
+
+def _record(item: logging.LogRecord | Deferred) -> logging.LogRecord:
+    if isinstance(item, logging.LogRecord):
+        return item
+    logger, level, msg, created = item
+    record = logger.makeRecord(logger.name, level, "(unknown file)", 0, msg, (), None)
+    record.created = created
+    record.msecs = (created - int(created)) * 1000
+    return record

@@ -42,14 +42,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from cachetools import TLRUCache
-
 from heloguard.answers import IPAddress, Query
 from heloguard.config import Config, Mode
 from heloguard.engine import Decision, Engine, LiveDns, Verdict
 from heloguard.gate import Gate
 from heloguard.greylist import Greylist, client_key, greylist_reply, suspicious
 from heloguard.logfmt import escape, printable
+from heloguard.logsink import defer
 from heloguard.metrics import Metrics
 from heloguard.names import parse_address, parse_helo, reverse_name
 from heloguard.records import RecordWriter, record
@@ -59,6 +58,48 @@ from heloguard.rules.base import Context, Reply, Stage
 log = logging.getLogger("heloguard.decisions")
 
 HELO_PHASE = [[Stage.CONNECT, Stage.HELO]]
+CONNECT_STAGES = (Stage.CONNECT,)
+HELO_STAGES = (Stage.CONNECT, Stage.HELO)
+
+
+@dataclass(frozen=True, slots=True)
+class SeenClient:
+    """What a connecting address gives before any DNS: parsed once per address."""
+
+    address: IPAddress | None
+    text: str  # the address as log lines and keys show it
+    ptr_query: Query | None
+    skip: str  # why it is not judged ("" when it is)
+
+
+class ClientMemo:
+    """Recent connecting addresses, parsed and gated (bounded; a reload starts afresh:
+    the gate's networks belong to one configuration)."""
+
+    SIZE = 4096
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._seen: dict[tuple[str | None, str | None], SeenClient] = {}
+
+    def get(self, address: str | None, daemon_name: str | None, gate: Gate) -> SeenClient:
+        """The parsed client for ``address`` as daemon ``daemon_name`` saw it."""
+        key = (address, daemon_name)
+        seen = self._seen.get(key)
+        if seen is not None:
+            return seen
+        client = parse_address(address) if address else None
+        seen = SeenClient(
+            client,
+            str(client) if client is not None else "unknown",
+            Query.of(reverse_name(client), "PTR") if client is not None else None,
+            gate.skip_reason(client, daemon_name),
+        )
+        with self._lock:
+            self._seen[key] = seen
+            while len(self._seen) > self.SIZE:
+                del self._seen[next(iter(self._seen))]
+        return seen
 
 
 class Act(StrEnum):
@@ -105,20 +146,17 @@ class DecisionCache:
         self, clock: Callable[[], float] = time.monotonic, max_age: float = MAX_AGE
     ) -> None:
         self.max_age = max_age
-        self._lock = threading.Lock()
-        self._cache: TLRUCache[tuple[object, ...], tuple[Decision, float]] = TLRUCache(
-            maxsize=self.SIZE, ttu=lambda _k, v, _now: v[1], timer=clock
-        )
+        self._lock = threading.Lock()  # for writers; a read is one dict lookup
+        self._cache: dict[tuple[object, ...], tuple[Decision, float]] = {}
         self._clock = clock
         self.hits = 0
 
     def get(self, key: tuple[object, ...]) -> Decision | None:
-        """A copy of a cached decision, or None."""
-        with self._lock:
-            found = self._cache.get(key)
-            if found is None:
-                return None
-            self.hits += 1
+        """A copy of a cached decision, or None.  No lock: ``dict.get`` is atomic."""
+        found = self._cache.get(key)
+        if found is None or found[1] <= self._clock():
+            return None
+        self.hits += 1  # a statistic: a lost increment under a race does no harm
         return found[0].reuse()
 
     def put(self, key: tuple[object, ...], decision: Decision) -> None:
@@ -131,8 +169,13 @@ class DecisionCache:
         age = min([self.max_age, *ttls])
         if age <= 0:
             return
+        entry = (copy.copy(decision), self._clock() + age)
         with self._lock:
-            self._cache[key] = (copy.copy(decision), self._clock() + age)
+            cache = self._cache
+            cache.pop(key, None)  # a refreshed entry goes to the young end
+            cache[key] = entry
+            while len(cache) > self.SIZE:  # the oldest go first (insertion order)
+                del cache[next(iter(cache))]
 
 
 @dataclass(slots=True)
@@ -145,6 +188,7 @@ class Runtime:
     gate: Gate
     greylist: Greylist | None = None
     decisions: DecisionCache = field(default_factory=DecisionCache)
+    clients: ClientMemo = field(default_factory=ClientMemo)
     records: RecordWriter | None = None
     metrics: Metrics | None = None
 
@@ -194,6 +238,7 @@ class Session:
     sender: str | None = None
     recipients: list[str] = field(default_factory=list)
     prefetch: concurrent.futures.Future[Decision] | None = None
+    known_connect: Decision | None = None  # a repeat client's connect-stage findings
     grey_key: str = ""
     counted: bool = False  # counted in sessions_in_flight
     callback_deadline: float = 0.0  # when this callback's DNS budget runs out
@@ -204,24 +249,21 @@ class Session:
 
     def connect(self, address: str | None, daemon_name: str | None = None) -> Step:
         """The client connected; start the lookups its address allows."""
-        self.client = parse_address(address) if address else None
-        if self.client is not None:
-            self.addr = str(self.client)
-            self.ptr_query = Query.of(reverse_name(self.client), "PTR")
+        seen = self.rt.clients.get(address, daemon_name, self.rt.gate)
+        self.client, self.skip = seen.address, seen.skip
+        self.addr, self.ptr_query = seen.text, seen.ptr_query
         if self.rt.metrics is not None:
             self.rt.metrics.in_flight.inc()
             self.counted = True
-        self.skip = self.rt.gate.skip_reason(self.client, daemon_name)
         if self.skip:
             self._log("skip", "CONNECT", None, self.skip)
             return CONTINUE
         if self.client is None:  # skip_reason covers it; keeps the type checker honest
             return CONTINUE
-        key = self._key([[Stage.CONNECT]])
+        key = (CONNECT_STAGES, self.addr, None, None)  # self._key([[Stage.CONNECT]])
         known = self.rt.decisions.get(key)
         if known is not None:  # a repeat client: its connect-stage findings still stand
-            self.prefetch = concurrent.futures.Future()
-            self.prefetch.set_result(known)
+            self.known_connect = known
             return CONTINUE
         self.prefetch = self.rt.resolver.submit(
             self.rt.engine.decide(
@@ -361,6 +403,8 @@ class Session:
         return Context(client=self.client, helo=helo, sender=self.sender)
 
     def _key(self, phases: list[list[Stage]]) -> tuple[object, ...]:
+        if phases is HELO_PHASE:  # the common case, without building the tuple
+            return (HELO_STAGES, self.addr, self.helo_raw, None)
         stages = tuple(s for p in phases for s in p)
         sender = self.sender if Stage.MAIL in stages or Stage.RCPT in stages else None
         helo = self.helo_raw if Stage.HELO in stages else None
@@ -388,7 +432,7 @@ class Session:
         return decision
 
     def _evaluate(self, phases: list[list[Stage]]) -> Decision:
-        reuse = None
+        reuse = self.known_connect
         pre = self.prefetch
         if pre is not None and pre.done() and not pre.cancelled() and pre.exception() is None:
             reuse = pre.result()  # the connect-stage findings, made while the client said hello
@@ -475,17 +519,6 @@ class Session:
         elif self.rt.config.log.passes:
             self._log("pass", stage, decision, "")
 
-    def _ptr_name(self, decision: Decision | None) -> str:
-        if decision is None or self.ptr_query is None:
-            return "unknown"
-        verified = decision.facts("verified")
-        if verified:
-            return str(verified[0])
-        ptr = decision.answers.get(self.ptr_query)
-        if ptr is not None and ptr.ok and ptr.records:
-            return ptr.records[0]
-        return "unknown"
-
     def _log(
         self,
         what: str,
@@ -502,41 +535,99 @@ class Session:
             level = logging.DEBUG if not self.rt.config.log.passes else logging.INFO
         if not log.isEnabledFor(level):
             return
-        log.log(level, self._line(what, stage, decision, detail, warned, name_from))
+        defer(log, level, DecisionLine(self, what, stage, decision, detail, warned, name_from))
 
-    def _line(
+
+class DecisionLine:
+    """One decision's log line, its text made when it is written.
+
+    The callback only gathers what the line shows (a session changes
+    afterwards: its sender, its recipients); ``str()`` builds the text, in
+    the log writer's thread (:func:`heloguard.logsink.defer`).  The deciding
+    rule is taken now: a name exception later turns the decision into an
+    accept in place.
+    """
+
+    __slots__ = (
+        "addr",
+        "decision",
+        "detail",
+        "helo",
+        "helo_decision",
+        "name_from",
+        "ptr_query",
+        "rcpt",
+        "rule",
+        "sender",
+        "stage",
+        "warned",
+        "what",
+    )
+
+    def __init__(
         self,
+        session: Session,
         what: str,
         stage: str,
         decision: Decision | None,
         detail: str,
         warned: list[str] | None,
         name_from: Decision | None,
-    ) -> str:
-        name = escape(self._ptr_name(decision or name_from), 255)
+    ) -> None:
+        self.what = what
+        self.stage = stage
+        self.decision = decision
+        self.detail = detail
+        self.warned = warned
+        self.name_from = name_from
+        self.helo_decision = session.helo_decision
+        self.ptr_query = session.ptr_query
+        self.addr = session.addr
+        self.helo = session.helo_raw
+        self.sender = session.sender
+        self.rcpt = session.recipients[-1] if session.recipients else None
+        self.rule: str | None = None
+        if decision is not None:
+            rule = decision.rule
+            if rule is None and decision.enforced_reply is not None:
+                rule = _enforced_rule(decision)
+            self.rule = "overload" if decision.overdue else (rule or None)
+
+    def _ptr_name(self, decision: Decision | None) -> str:
+        if decision is None or self.ptr_query is None:
+            return "unknown"
+        verified = decision.facts("verified")
+        if verified:
+            return str(verified[0])
+        ptr = decision.answers.get(self.ptr_query)
+        if ptr is not None and ptr.ok and ptr.records:
+            return ptr.records[0]
+        return "unknown"
+
+    def __str__(self) -> str:
+        decision, stage, detail = self.decision, self.stage, self.detail
+        name = escape(self._ptr_name(decision or self.name_from), 255)
         if name == "unknown" and self.helo_decision is not None:  # MAIL/RCPT decisions
             name = escape(self._ptr_name(self.helo_decision), 255)
-        addr = self.addr
         parts = [
-            f"{what}: {stage} from {name}[{addr}]: {printable(detail, 600) if detail else 'ok'};"
+            f"{self.what}: {stage} from {name}[{self.addr}]: "
+            f"{printable(detail, 600) if detail else 'ok'};"
         ]
-        if self.helo_raw is not None:
-            parts.append(f"helo=<{escape(self.helo_raw, 255)}>")
+        if self.helo is not None:
+            parts.append(f"helo=<{escape(self.helo, 255)}>")
         if stage in ("MAIL", "RCPT") and self.sender is not None:
             parts.append(f"from=<{escape(self.sender, 255)}>")
-        if stage == "RCPT" and self.recipients:
-            parts.append(f"to=<{escape(self.recipients[-1], 255)}>")
+        if stage == "RCPT" and self.rcpt is not None:
+            parts.append(f"to=<{escape(self.rcpt, 255)}>")
         if decision is not None:
-            rule = decision.rule or (decision.enforced_reply and _enforced_rule(decision))
-            if decision.overdue:
-                rule = "overload"
+            rule = self.rule
             if rule:
                 parts.append(f"rule={rule}")
-            if warned:
-                parts.append(f"warn={','.join(warned)}")
+            if self.warned:
+                parts.append(f"warn={','.join(self.warned)}")
             if decision.mode is not Mode.ENFORCE:
                 parts.append(f"mode={decision.mode}")
-            evidence = _evidence(decision, str(rule) if rule else None)
+            evidence = _evidence(decision, rule)
             if evidence:
                 parts.append(f"evidence={evidence}")
             parts.append(

@@ -6,7 +6,9 @@ import io
 import logging
 import threading
 
-from heloguard.logsink import LogWriter
+import pytest
+
+from heloguard.logsink import LogWriter, defer, install
 
 
 class CountingStream(io.StringIO):
@@ -63,3 +65,56 @@ def test_a_failing_stream_does_not_stop_the_writer() -> None:
     writer.handler.handle(logging.LogRecord("x", logging.INFO, __file__, 1, "m", None, None))
     writer.stop()
     assert errors, "the failure is reported as logging reports its own errors"
+
+
+class Line:
+    """A message whose text is made when it is written; counts where that happened."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.made_in: list[str] = []
+
+    def __str__(self) -> str:
+        self.made_in.append(threading.current_thread().name)
+        return self.text
+
+
+def test_a_deferred_line_is_made_and_written_by_the_writer_thread() -> None:
+    stream = io.StringIO()
+    target = logging.StreamHandler(stream)
+    target.setFormatter(logging.Formatter("%(levelname)s %(name)s %(message)s"))
+    writer = LogWriter(target)
+    logger = logging.getLogger("heloguard.test-deferred")
+    logger.propagate = False
+    logger.addHandler(writer.handler)
+    child = logging.getLogger("heloguard.test-deferred.decisions")
+    install(writer)
+    try:
+        assert writer.serves(child) and writer.serves(logger)
+        lines = [Line(f"reject: HELO number {i}") for i in range(50)]
+        for line in lines:
+            defer(child, logging.WARNING, line)
+        assert all(not line.made_in for line in lines), "no text made in the caller"
+    finally:
+        writer.stop()
+    assert stream.getvalue().splitlines() == [
+        f"WARNING heloguard.test-deferred.decisions reject: HELO number {i}" for i in range(50)
+    ]
+    assert {t for line in lines for t in line.made_in} == {"heloguard-log"}
+    install(None)
+
+
+def test_without_a_writer_defer_logs_the_ordinary_way(caplog: pytest.LogCaptureFixture) -> None:
+    stream = io.StringIO()
+    writer = LogWriter(logging.StreamHandler(stream))
+    install(writer)  # installed, but this logger's records go elsewhere (to caplog)
+    try:
+        logger = logging.getLogger("heloguard.test-not-served")
+        assert not writer.serves(logger)
+        with caplog.at_level(logging.INFO, logger="heloguard.test-not-served"):
+            defer(logger, logging.INFO, Line("pass: HELO ok"))
+        assert [r.getMessage() for r in caplog.records] == ["pass: HELO ok"]
+    finally:
+        writer.stop()
+        install(None)
+    assert stream.getvalue() == ""
