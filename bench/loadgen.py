@@ -175,7 +175,10 @@ async def _session(address: str, case: Case, result: Result) -> None:
                 + _packet(b"M", _z(f"<{case.sender}>"))
             )
             if conn.expects(P_NR_MAIL, P_NOMAIL):
-                outcome = verdict(*await conn.reply())
+                code, text = await conn.reply()
+                outcome = verdict(code, text)
+                if code == b"a":  # accept this message: an MTA sends no RCPT to this filter
+                    outcome = "accept"
         if outcome is None:
             writer.write(_packet(b"R", _z(f"<{case.rcpt}>")))
             if conn.expects(P_NR_RCPT, P_NORCPT):

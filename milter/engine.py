@@ -261,9 +261,14 @@ class Engine:
             if action is not Action.OFF:
                 entries.append(_Entry(rule, action, options, index))
         self._entries = sorted(entries, key=lambda e: e.order)
+        self._stages = frozenset(e.rule.stage for e in self._entries)
         # load both Public Suffix Lists now, not in the middle of a session
         registered_domain("warm.example.com")
         registered_domain_icann("warm.example.com")
+
+    def has_rules(self, stage: Stage) -> bool:
+        """True when some enabled rule runs at ``stage`` (a set lookup, for the warm path)."""
+        return stage in self._stages
 
     def rules_for(self, stages: Iterable[Stage], only: Iterable[str] | None = None) -> list[str]:
         """Names of the rules a phase would run, in evaluation order."""

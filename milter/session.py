@@ -44,7 +44,7 @@ from enum import StrEnum
 
 from heloguard.answers import IPAddress, Query
 from heloguard.config import Config, Mode
-from heloguard.engine import Decision, Engine, LiveDns, Verdict
+from heloguard.engine import Decision, Effect, Engine, LiveDns, Verdict
 from heloguard.gate import Gate
 from heloguard.greylist import Greylist, client_key, greylist_reply, suspicious
 from heloguard.logfmt import escape, printable
@@ -60,6 +60,7 @@ log = logging.getLogger("heloguard.decisions")
 HELO_PHASE = [[Stage.CONNECT, Stage.HELO]]
 CONNECT_STAGES = (Stage.CONNECT,)
 HELO_STAGES = (Stage.CONNECT, Stage.HELO)
+MAIL_PHASE = [[Stage.MAIL]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -320,10 +321,23 @@ class Session:
             step = self._verdict(self.helo_decision, "MAIL")
             if step.refuses or self.skip:
                 return step
-        if self.pending is not None or not self.rt.engine.rules_for([Stage.MAIL]):
+        if self.pending is not None:
+            return CONTINUE  # the kept verdict is answered at RCPT
+        if self.rt.engine.has_rules(Stage.MAIL):
+            self.mail_decision = self._decide(MAIL_PHASE)
+            step = self._verdict(self.mail_decision, "MAIL")
+            if step is not CONTINUE or self.pending is not None:
+                return step
+        return self._after_mail()
+
+    def _after_mail(self) -> Step:
+        """An accepted MAIL: CONTINUE when RCPT has work (its rules, greylisting),
+        else ACCEPT, which for MAIL means this message only: the MTA spares
+        itself and us the RCPT callbacks, and calls MAIL again for the next
+        message of the connection."""
+        if self.rt.greylist is not None or self.rt.engine.has_rules(Stage.RCPT):
             return CONTINUE
-        self.mail_decision = self._decide([[Stage.MAIL]])
-        return self._verdict(self.mail_decision, "MAIL")
+        return ACCEPT
 
     def rcpt(self, recipient: str) -> Step:
         """RCPT TO: answer a kept verdict, or judge the recipient stage."""
@@ -333,7 +347,7 @@ class Session:
             return CONTINUE
         if self.pending is not None:
             return self._refuse(self.pending, "RCPT")
-        if self.rt.engine.rules_for([Stage.RCPT]):
+        if self.rt.engine.has_rules(Stage.RCPT):
             decision = self._decide([[Stage.RCPT]])
             if decision.verdict is not Verdict.ACCEPT:
                 return self._refuse(decision, "RCPT")
@@ -513,7 +527,7 @@ class Session:
             detail = f"would {decision.enforced}: {_unfielded(str(decision.enforced_reply))}"
             self._log("warn", stage, decision, detail)
             return
-        warned = [r.rule for r in decision.reports if r.effect.value == "warn"]
+        warned = [r.rule for r in decision.reports if r.effect is Effect.WARN]
         if warned:
             self._log("warn", stage, decision, "accepted; rules in warn mode failed", warned=warned)
         elif self.rt.config.log.passes:
@@ -645,7 +659,7 @@ def _unfielded(reply: str) -> str:
 
 def _enforced_rule(decision: Decision) -> str | None:
     for r in decision.reports:
-        if r.effect.value in ("reject", "tempfail", "warn"):
+        if r.effect is not Effect.NONE:
             return r.rule
     return None
 

@@ -253,6 +253,10 @@ def run_session(
         if stop_at_refusal and out.mail is not None and out.mail.refuses:
             c.quit()
             return out
+        if out.mail is not None and out.mail.code == "a":
+            # accept for this message: an MTA sends this milter nothing more of it
+            c.quit()
+            return out
         out.rcpt = c.rcpt(rcpt)
         c.quit()
     return out

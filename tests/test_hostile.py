@@ -489,7 +489,9 @@ def test_hostile_ptr_names_get_valid_replies_and_escaped_logs(
             assert r.helo is not None
             if r.helo.code == "c":
                 assert_valid_reply(r.mail, (ip, helo))
-                assert_valid_reply(r.rcpt, (ip, helo))
+                assert r.mail is not None
+                if r.mail.code == "c":
+                    assert_valid_reply(r.rcpt, (ip, helo))
     assert run_session(m.socket, **GOOD).refusal() is None
     messages, _ = log_messages(m.wait_for("pass: HELO from ukiah.firemountain.net[64.71.1.10]"))
     for ip in clients:
