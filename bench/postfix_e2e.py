@@ -833,18 +833,20 @@ def report(
         r.sessions for r in clean["heloguard"]
     )
     noop_cpu = sum(r.milter_cpu for r in clean["noop"]) / sum(r.sessions for r in clean["noop"])
-    met = "met" if ratio >= 0.9 else "NOT met"
+    met = "met" if ratio >= 0.95 else "NOT met"
+    clean_met = "met" if clean_ratio >= 0.95 else "NOT met"
     return "\n".join(
         [
             "## Through Postfix (`bench/postfix_e2e.py`)",
             "",
-            "Target: through Postfix, heloguard at least 0.9 times the sessions per second of",
-            "the no-op pymilter.",
+            "Target: through Postfix, heloguard at least 0.95 times the sessions per second of",
+            "the no-op pymilter, on the mix and on well-run servers alone.",
             "",
             f"- **On the bot/server mix: {ratio:.2f} ({met})**; per round "
             f"{', '.join(f'{x:.2f}' for x in per_round)} (median {median(per_round):.2f}).",
-            "- On well-run servers only, where every session runs to RCPT under both: "
-            f"{clean_ratio:.2f};",
+            "- **On well-run servers only, where every client is accepted under both: "
+            f"{clean_ratio:.2f} ({clean_met})**; heloguard answers ACCEPT for the message at",
+            "  MAIL (nothing is left to judge at RCPT), so Postfix sends it no RCPT;",
             f"  per round {', '.join(f'{x:.2f}' for x in clean_rounds)} "
             f"(median {median(clean_rounds):.2f}).",
             "",

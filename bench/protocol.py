@@ -45,7 +45,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import loadgen
-from common import ROOT, TESTS
+from common import ROOT, TESTS, median
 from loadgen import Case
 
 from dnsserver import DNSServer
@@ -191,39 +191,69 @@ def sessions_for(concurrency: int) -> int:
     return max(1200, concurrency * 8)
 
 
+ROUNDS = 3  # interleaved rounds per cell: the median and the spread are reported
+
+
 @dataclass
 class Row:
-    """One filter at one concurrency."""
+    """One filter at one concurrency, over the rounds."""
 
     label: str
     concurrency: int
-    result: loadgen.Result
+    results: list[loadgen.Result]
+
+    @property
+    def cpu_each(self) -> list[float]:
+        """CPU microseconds per session, round by round."""
+        return [(r.cpu_per_session or float("nan")) * 1e6 for r in self.results]
 
     @property
     def cpu_us(self) -> float:
-        per = self.result.cpu_per_session
-        return per * 1e6 if per is not None else float("nan")
+        return median(self.cpu_each)
 
     @property
     def user_us(self) -> float:
-        res = self.result
-        if res.user_seconds is None or not res.sessions:
-            return float("nan")
-        return res.user_seconds / res.sessions * 1e6
+        return median(
+            [(r.user_seconds or 0.0) / r.sessions * 1e6 for r in self.results if r.sessions]
+        )
+
+    @property
+    def rates(self) -> list[float]:
+        return [r.rate for r in self.results]
+
+    @property
+    def rate(self) -> float:
+        return median(self.rates)
+
+    @property
+    def result(self) -> loadgen.Result:
+        """The rounds together: latencies, verdicts and errors of all of them."""
+        out = loadgen.Result()
+        for r in self.results:
+            out.sessions += r.sessions
+            out.latencies.extend(r.latencies)
+            out.verdicts.update(r.verdicts)
+            out.errors.update(r.errors)
+            out.mismatches += r.mismatches
+            out.peak_rss_kb = max(out.peak_rss_kb or 0, r.peak_rss_kb or 0)
+        return out
 
 
 def warm_rows(filters: list[Filter], cases: list[Case]) -> list[Row]:
-    """Every filter at every concurrency, interleaved (a drift hits all alike)."""
+    """Every filter at every concurrency, ``ROUNDS`` times, interleaved: within a round
+    the filters run back to back at one concurrency, in alternating order, so a drift
+    of the shared machine hits all alike."""
     for f in filters:  # warm up: Python, libmilter's threads, heloguard's caches
         loadgen.run(f.socket, cases, concurrency=16, sessions=len(cases) * 2, pid=f.pid)
-    rows = []
-    for conc in CONCURRENCY:
-        for f in filters:
-            r = loadgen.run(
-                f.socket, cases, concurrency=conc, sessions=sessions_for(conc), pid=f.pid
-            )
-            rows.append(Row(f.label, conc, r))
-    return rows
+    rows = {(f.label, c): Row(f.label, c, []) for c in CONCURRENCY for f in filters}
+    for n in range(ROUNDS):
+        for conc in CONCURRENCY:
+            for f in filters if n % 2 == 0 else filters[::-1]:
+                r = loadgen.run(
+                    f.socket, cases, concurrency=conc, sessions=sessions_for(conc), pid=f.pid
+                )
+                rows[(f.label, conc)].results.append(r)
+    return list(rows.values())
 
 
 def cold_latency(work: Path, dns: DNSServer, first: int, count: int) -> loadgen.Result:
@@ -305,16 +335,20 @@ def _ms(seconds: float) -> str:
     return f"{seconds * 1e3:.2f}"
 
 
+def _span(values: list[float], fmt: str = ",.0f") -> str:
+    return f"{min(values):{fmt}}-{max(values):{fmt}}"
+
+
 def _warm_table(rows: list[Row]) -> list[str]:
     by = {(r.label, r.concurrency): r for r in rows}
     labels = list(dict.fromkeys(r.label for r in rows))
     out = [
-        "| concurrency | filter | sessions/s | p50 ms | p99 ms | CPU per session (user + system) "
-        "| x no-op pymilter | x no-op C | peak RSS | verdicts | errors |",
+        "| concurrency | filter | sessions/s, median (range) | p50 ms | p99 ms "
+        "| CPU per session, median (range) (user + system) "
+        "| x no-op pymilter, median (range) | x no-op C | peak RSS | verdicts | errors |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for conc in CONCURRENCY:
-        py = by[("no-op pymilter", conc)].cpu_us
         c = by[("no-op C (libmilter)", conc)].cpu_us
         for label in labels:
             r = by[(label, conc)]
@@ -322,23 +356,31 @@ def _warm_table(rows: list[Row]) -> list[str]:
             verdicts = ", ".join(f"{k} {v}" for k, v in sorted(res.verdicts.items()))
             if label.startswith("heloguard"):  # the no-op filters accept everyone
                 verdicts += f" ({res.mismatches} not as expected)"
+            ratios = _ratios(rows, label, conc)
             out.append(
-                f"| {conc} | {label} | {res.rate:,.0f} | {_ms(res.percentile(50))} "
-                f"| {_ms(res.percentile(99))} | {r.cpu_us:.0f} us ({r.user_us:.0f} + "
-                f"{r.cpu_us - r.user_us:.0f}) | {r.cpu_us / py:.2f} "
+                f"| {conc} | {label} | {r.rate:,.0f} ({_span(r.rates)}) "
+                f"| {_ms(res.percentile(50))} | {_ms(res.percentile(99))} "
+                f"| {r.cpu_us:.0f} us ({_span(r.cpu_each)}) ({r.user_us:.0f} + "
+                f"{r.cpu_us - r.user_us:.0f}) | {median(ratios):.2f} ({_span(ratios, '.2f')}) "
                 f"| {r.cpu_us / c:.2f} | {(res.peak_rss_kb or 0) / 1024:.0f} MB | {verdicts} "
                 f"| {sum(res.errors.values())} |"
             )
     return out
 
 
-def _ratio(rows: list[Row], label: str, conc: int) -> float:
+def _ratios(rows: list[Row], label: str, conc: int) -> list[float]:
+    """CPU per session over the no-op pymilter's, round by round (the same round)."""
     by = {(r.label, r.concurrency): r for r in rows}
-    return by[(label, conc)].cpu_us / by[("no-op pymilter", conc)].cpu_us
+    mine, floor = by[(label, conc)].cpu_each, by[("no-op pymilter", conc)].cpu_each
+    return [a / b for a, b in zip(mine, floor, strict=True)]
+
+
+def _ratio(rows: list[Row], label: str, conc: int) -> float:
+    return median(_ratios(rows, label, conc))
 
 
 def _collapse(rows: list[Row], label: str) -> tuple[float, float]:
-    rates = {r.concurrency: r.result.rate for r in rows if r.label == label}
+    rates = {r.concurrency: r.rate for r in rows if r.label == label}
     best = max(v for k, v in rates.items() if k < 256)
     return rates[256], best
 
@@ -407,7 +449,9 @@ def run() -> str:
     distinct = len(asked)
     most = max(asked.values(), default=0)
     repeated = sorted((n, q) for q, n in asked.items() if n > 1)
-    ok = "met" if r8 <= 1.5 and r64 <= 1.5 else "MISSED"
+    ok = "met" if r8 <= 1.3 and r64 <= 1.3 else "MISSED"
+    py8, py256 = by[("no-op pymilter", 8)].cpu_us, by[("no-op pymilter", 256)].cpu_us
+    c8, c256us = by[("no-op C (libmilter)", 8)].cpu_us, by[("no-op C (libmilter)", 256)].cpu_us
     lines = [
         "## heloguard on the milter protocol, against no-op filters (`bench/protocol.py`)",
         "",
@@ -424,29 +468,34 @@ def run() -> str:
         *_warm_table(rows),
         "",
         f"- **CPU per session, heloguard / no-op pymilter: {r8:.2f} at concurrency 8, "
-        f"{r64:.2f} at 64 (target at most 1.5: {ok}).**  Repeat clients' settled decisions",
-        "  are reused (`[dns] reuse_decisions`, default 60 s), so a warm session evaluates",
-        "  nothing and writes its log line.",
+        f"{r64:.2f} at 64 (target at most 1.3: {ok}).**  The median of the per-round",
+        f"  ratios; {ROUNDS} rounds, each filter run back to back with the others at each",
+        "  concurrency, in alternating order.  Repeat clients' settled decisions are",
+        "  reused (`[dns] reuse_decisions`, default 60 s): a warm session looks its",
+        "  decision up once per callback and queues one small object for the log",
+        "  writer, which makes the line.",
         f"  At concurrency 8 heloguard spent {gap8:.0f} us per session more than the no-op",
-        "  pymilter filter.  That is heloguard's Python work per session (about 70 us",
-        "  in-process, one thread, adapter and log line included, as measured during the work),",
-        "  grown by the GIL among",
-        f"  libmilter's worker threads: {ugap8:.0f} us of the difference is user time.",
-        "  At 64 and above libmilter's own per-session cost grows (see the no-op C rows)",
-        "  and heloguard's share shrinks.  Below 1.5 at 8 would need about half the",
-        "  Python work per session again; the profile has no single hot spot left.",
+        f"  pymilter filter ({ugap8:.0f} us more user time); its own Python work per",
+        "  callback, in-process, is in the next section (`bench/callbacks.py`); in the",
+        "  daemon that work is paid again in GIL hand-overs among libmilter's threads,",
+        "  and the log writer thread makes the lines.",
+        "  A well-run server's session has no RCPT callback under heloguard (ACCEPT for",
+        "  the message at MAIL), one fewer than under the no-op filters.",
+        f"- pymilter's own cost (the no-op pymilter less the no-op C filter, same rounds): "
+        f"{py8 - c8:.0f} us per session at 8, {py256 - c256us:.0f} us at 256.",
         f"- With `reuse_decisions = 0` every session evaluates every rule from the DNS cache:"
         f" {f8:.2f} and {f64:.2f} times the no-op pymilter at 8 and 64.",
-        f"- **Throughput at concurrency 256: {at256:,.0f} sessions/s, {at256 / best:.2f} of the "
-        f"best at lower concurrency ({best:,.0f}; target at least 0.8: "
-        f"{'met' if at256 >= 0.8 * best else 'MISSED'}).**",
-        f"  The no-op filters keep {c256:.2f} (C) and {p256:.2f} (pymilter) of their best:",
-        "  libmilter polls every open connection on each pass, and the Python load",
-        "  generator shares the two cores, so part of the loss is the protocol's own.",
-        f"  heloguard's CPU per session went from {hg8:.0f} us at 8 to {hg256:.0f} us at 256",
-        f"  ({hg256_sys:.0f} us of it system time): the GIL among libmilter's threads costs",
-        "  more the more of them wait for it.  On this shared virtual machine the figure",
-        "  moves a lot between runs (from 0.45 to 0.92 in the runs made during the work).",
+        f"- **Throughput at concurrency 256: {at256:,.0f} sessions/s, {at256 / best:.2f} of "
+        f"heloguard's best at lower concurrency ({best:,.0f}; target at least 0.8: "
+        f"{'met' if at256 >= 0.8 * best else 'MISSED'}; at least the no-op pymilter's "
+        f"{p256:.2f}: {'met' if at256 / best >= p256 else 'MISSED'}).**",
+        f"  The no-op filters keep {c256:.2f} (C) and {p256:.2f} (pymilter) of their best",
+        "  in the same rounds: that loss is libmilter's and the load generator's (one",
+        "  thread per connection polling its socket, the Python generator sharing the",
+        f"  two cores).  heloguard's CPU per session went from {hg8:.0f} us at 8 to"
+        f" {hg256:.0f} us at 256",
+        f"  ({hg256_sys:.0f} us of it system time), as the no-op pymilter's went from "
+        f"{py8:.0f} to {py256:.0f} us.",
         "",
         "### Cold cache, 50 ms per DNS answer",
         "",
@@ -529,6 +578,24 @@ def run() -> str:
         "| `reply_text` cleans a reply with one regex instead of a per-character generator "
         "| 2 calls per rejected session took most of an in-process session "
         "| in-process, adapter included: 111 -> 70 us |",
+        "| a decision line leaves the callback as one small object (`DecisionLine`); "
+        "the log writer makes its text and its `LogRecord` (`heloguard.logsink.defer`). "
+        "The decision cache is a dict read without a lock; a connecting address is "
+        "parsed, gated and given its PTR question once per runtime; a repeat client's "
+        "connect-stage findings are kept as a decision, not a `Future`; the adapter "
+        "calls the session without a lambda per callback "
+        "| `perf stat` on the daemon at concurrency 8: 16.6 futex calls and 12.9 "
+        "context switches per session against the no-op pymilter's 4.4 and 8.0 (GIL "
+        "hand-overs grow with the Python time a callback holds the lock); in-process, "
+        "a third of a warm session built the log line and its `LogRecord`, and "
+        "`TLRUCache.get` took a lock and four calls "
+        "| in-process 60 -> 19 us; daemon at 8: 2.09 -> 1.42 x the no-op pymilter "
+        "(3 interleaved rounds each) |",
+        "| ACCEPT at MAIL (for MAIL: this message only) when RCPT has nothing to do "
+        "(no RCPT rule, no greylisting, no verdict kept for RCPT) "
+        "| a well-run server's RCPT callback could only answer continue: one more "
+        "libmilter round trip and GIL hand-over per session "
+        "| daemon at 8: 1.42 -> 1.23 x the no-op pymilter |",
     ]
     return "\n".join(lines)
 

@@ -18,6 +18,7 @@ from pathlib import Path
 # PYTHONSAFEPATH keeps the script's folder off sys.path; the benchmarks import each other.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import callbacks
 import cold_chain
 import generic_names
 import greylist_pg
@@ -29,6 +30,7 @@ from common import ROOT, machine
 
 SECTIONS = [
     protocol,
+    callbacks,
     postfix_e2e,
     cold_chain,
     generic_names,

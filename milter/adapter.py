@@ -8,7 +8,8 @@ per connection; the session of a connection lives on this object.
 Negotiation: heloguard uses connect, helo, envfrom and envrcpt; every other
 callback (data, headers, body, unknown commands) is declined, so the MTA
 never sends them, and connect is marked no-reply (it never refuses: a
-connect-time reply loses its text in both MTAs).  pymilter 1.0.5's
+connect-time reply loses its text in both MTAs).  A MAIL step of ACCEPT
+(nothing left to judge at RCPT) is libmilter's accept-this-message.  pymilter 1.0.5's
 ``@symlist`` passes bytes where its C layer wants str, and its ``negotiate``
 swallows the TypeError and gives up negotiating altogether; ``negotiate``
 below asks for the macros itself, with str arguments.

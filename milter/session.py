@@ -20,7 +20,10 @@ The course of a session:
   client that authenticates meanwhile is spared).  ``disconnect = true``
   turns a refusal at HELO into 421, which makes the MTA drop the client.
 * MAIL: an authenticated client (``{auth_authen}``) is never judged; a
-  client that skipped HELO is judged now, with no HELO.
+  client that skipped HELO is judged now, with no HELO.  An accepted MAIL
+  with nothing left for RCPT (no RCPT-stage rule, no greylisting, no kept
+  verdict) answers ACCEPT, which for MAIL means this message only: the MTA
+  calls no RCPT for it and comes back at the next MAIL.
 * RCPT: a kept verdict is answered, for every recipient.
 
 One log line per decision, in the shape Postfix admins grep::
