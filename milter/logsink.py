@@ -14,6 +14,10 @@ line (``heloguard.session`` passes one holding the session's facts), and the
 writer builds the record and the text.  Where no writer serves the logger
 (tests, the dry-run), :func:`defer` logs the message the ordinary way.
 
+Other work a decision leaves behind (its JSON record for ``[log] decisions``,
+its Prometheus counters) goes the same way: :func:`later` queues a function
+and its arguments, and the writer calls it, in order with the lines.
+
 Nothing is dropped: the queue is unbounded (a record is small, and the
 writer keeps up with any load the milter can take), and :meth:`stop` writes
 everything queued before it returns (``serve`` calls it on the way out; an
@@ -28,14 +32,33 @@ import logging
 import queue
 import threading
 import time
-from typing import TextIO
+from collections.abc import Callable
+from typing import Any, TextIO
 
 _STOP = None  # the sentinel that ends the writer
 BATCH_WAIT = 0.05  # seconds a line may wait to be written with others
 
 # A line queued by defer(): the logger, the level, the message, time.time().
 Deferred = tuple[logging.Logger, int, object, float]
-Item = logging.LogRecord | Deferred | None
+
+
+class Job:
+    """Work queued by :func:`later`: a function and its arguments."""
+
+    __slots__ = ("args", "fn")
+
+    def __init__(self, fn: Callable[..., object], args: tuple[Any, ...]) -> None:
+        self.fn = fn
+        self.args = args
+
+    def __call__(self) -> None:
+        try:
+            self.fn(*self.args)
+        except Exception:  # one bad job must not stop the writer
+            logging.getLogger("heloguard").exception("log writer: %r failed", self.fn)
+
+
+Item = logging.LogRecord | Deferred | Job | None
 
 
 class QueuedHandler(logging.Handler):
@@ -80,10 +103,21 @@ class LogWriter:
                     batch.append(self.queue.get_nowait())
                 except queue.Empty:
                     break
-            records = [_record(r) for r in batch if r is not _STOP]
+            records: list[logging.LogRecord] = []
+            stop = False
+            for item in batch:
+                if item is _STOP:
+                    stop = True
+                elif isinstance(item, Job):
+                    if records:  # keep the order: lines queued before the job first
+                        self._write(records)
+                        records = []
+                    item()
+                else:
+                    records.append(_record(item))
             if records:
                 self._write(records)
-            if len(records) < len(batch):
+            if stop:
                 return
 
     def serves(self, logger: logging.Logger) -> bool:
@@ -142,6 +176,16 @@ def defer(logger: logging.Logger, level: int, msg: object) -> None:
         writer.queue.put((logger, level, msg, time.time()))
     else:
         logger.log(level, msg)
+
+
+def later(fn: Callable[..., object], *args: Any) -> None:
+    """Call ``fn(*args)`` on the writer's thread, in order with the lines queued
+    before it; at once when no writer is installed."""
+    writer = _current[0]
+    if writer is not None:
+        writer.queue.put(Job(fn, args))
+    else:
+        fn(*args)
 
 
 def _record(item: logging.LogRecord | Deferred) -> logging.LogRecord:

@@ -16,6 +16,7 @@ control characters, and query keys of DNS lists are redacted.
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from pathlib import Path
@@ -28,6 +29,7 @@ from heloguard.render import decision_json
 from heloguard.rules.base import Stage
 
 FORMAT = 1
+log = logging.getLogger("heloguard")
 
 
 def record(
@@ -62,24 +64,57 @@ def dumps(rec: dict[str, Any]) -> str:
 
 
 class RecordWriter:
-    """Appends records to a file, one line each, from many threads."""
+    """Appends records to a file, one line each, from many threads.
+
+    The milter writes from the log writer's thread (``heloguard.logsink.later``).
+    A write that fails (a full disk) is remembered in :attr:`failed` until one
+    succeeds again; :meth:`check` raises it in the callback, so while records
+    cannot be kept every judged session is answered per ``failure_policy``.
+    """
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._fh = self.path.open("a", encoding="utf-8", buffering=1)
+        self.failed: OSError | None = None
 
     def write(self, rec: dict[str, Any]) -> None:
         """Append one record (a whole line, never interleaved)."""
         line = dumps(rec) + "\n"
         with self._lock:
-            self._fh.write(line)
+            try:
+                self._fh.write(line)
+            except OSError as exc:
+                if self.failed is None:
+                    log.error(  # noqa: TRY400 - the reason is the whole story
+                        "decision records: cannot write %s: %s; judged sessions are answered"
+                        " per failure_policy until a record is written again",
+                        self.path,
+                        exc.strerror or exc,
+                    )
+                self.failed = exc
+                return
+            if self.failed is not None:
+                log.warning("decision records: writing %s again", self.path)
+                self.failed = None
+
+    def check(self) -> None:
+        """Raise :class:`RecordsUnwritable` while the last write failed."""
+        failed = self.failed
+        if failed is not None:
+            raise RecordsUnwritable(
+                failed.errno, f"decision records: cannot write {self.path}: {failed.strerror}"
+            )
 
     def close(self) -> None:
         """Close the file."""
         with self._lock:
             self._fh.close()
+
+
+class RecordsUnwritable(OSError):
+    """The decision records cannot be written (raised in the callback)."""
 
 
 class ReplayError(ValueError):

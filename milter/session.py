@@ -51,7 +51,7 @@ from heloguard.engine import Decision, Effect, Engine, LiveDns, Verdict
 from heloguard.gate import Gate
 from heloguard.greylist import Greylist, client_key, greylist_reply, suspicious
 from heloguard.logfmt import escape, printable
-from heloguard.logsink import defer
+from heloguard.logsink import defer, later
 from heloguard.metrics import Metrics
 from heloguard.names import parse_address, parse_helo, reverse_name
 from heloguard.records import RecordWriter, record
@@ -433,19 +433,24 @@ class Session:
         if decision is None:
             decision = self._evaluate(phases)
             self.rt.decisions.put(key, decision)
+        # Counting and recording happen on the log writer's thread; the
+        # callback only queues the decision and the inputs it was made on.
         if self.rt.metrics is not None:
-            self.rt.metrics.decided(decision)
-        if self.rt.records is not None and self.client is not None and not decision.overdue:
-            self.rt.records.write(
-                record(
-                    decision,
-                    client=self.addr,
-                    helo=self.helo_raw,
-                    sender=self.sender,
-                    rcpt=list(self.recipients),
-                    phases=phases,
-                )
+            later(self.rt.metrics.decided, decision)
+        records = self.rt.records
+        if records is not None and self.client is not None and not decision.overdue:
+            later(
+                _write_record,
+                records,
+                decision,
+                self.addr,
+                self.helo_raw,
+                self.sender,
+                tuple(self.recipients),
+                phases,
+                time.time(),
             )
+            records.check()  # a full disk: this decision cannot be kept either
         return decision
 
     def _evaluate(self, phases: list[list[Stage]]) -> Decision:
@@ -501,8 +506,9 @@ class Session:
         if decision.verdict is not Verdict.ACCEPT:
             exception = self.rt.gate.name_exception(self._verified(decision))
             if exception:
+                # The decision itself is left as the rules made it: it is shared
+                # (the decision cache) and recorded as made; the session is spared.
                 self._log("pass", stage, decision, exception, spared=True)
-                decision.exempted(exception)
                 self.skip = exception
                 return ACCEPT
         if decision.verdict is Verdict.ACCEPT:
@@ -553,6 +559,30 @@ class Session:
         if not log.isEnabledFor(level):
             return
         defer(log, level, DecisionLine(self, what, stage, decision, detail, warned, name_from))
+
+
+def _write_record(
+    records: RecordWriter,
+    decision: Decision,
+    client: str,
+    helo: str | None,
+    sender: str | None,
+    rcpt: tuple[str, ...],
+    phases: list[list[Stage]],
+    when: float,
+) -> None:
+    """Build and append one decision record (on the log writer's thread)."""
+    records.write(
+        record(
+            decision,
+            client=client,
+            helo=helo,
+            sender=sender,
+            rcpt=list(rcpt),
+            phases=phases,
+            when=when,
+        )
+    )
 
 
 class DecisionLine:

@@ -327,10 +327,18 @@ def test_injected_exceptions_follow_failure_policy_under_load(
 
 @pytest.mark.parametrize("policy", ["tempfail", "accept"])
 def test_full_disk_under_decision_records(start_milter: Any, policy: str) -> None:
-    """Writing a decision record fails (ENOSPC): an internal error, answered per policy."""
+    """Writing a decision record fails (ENOSPC): an internal error, answered per policy.
+
+    Records are written by the log writer a moment after the decision, so the
+    first session finds the disk full only after its reply; from then on every
+    judged session is answered per ``failure_policy``.
+    """
     m = start_milter(
         {"milter": {"failure_policy": policy}, "log": {"decisions": "/dev/full"}},
     )
+    first = run_session(m.socket, **GOOD)
+    assert first.refusal() is None, first
+    m.wait_for("decision records: cannot write /dev/full: No space left on device")
     results = in_parallel([lambda: run_session(m.socket, **GOOD) for _ in range(8)])
     for r in results:
         assert isinstance(r, SessionResult), r
@@ -338,8 +346,8 @@ def test_full_disk_under_decision_records(start_milter: Any, policy: str) -> Non
             assert r.helo is not None and r.helo.smtp_code == 451 and "4.3.0" in r.helo.text
         else:
             assert r.refusal() is None, r
-    log = m.wait_for("No space left on device")
-    assert "HELO callback failed" in log
+    log = m.wait_for("HELO callback failed")
+    assert "decision records: cannot write /dev/full: No space left on device" in log
     skip = run_session(m.socket, ip="127.0.0.1", helo="localhost")
     assert skip.refusal() is None, "a client that is not judged writes no record"
     assert m.proc.poll() is None

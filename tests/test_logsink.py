@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from heloguard.logsink import LogWriter, defer, install
+from heloguard.logsink import LogWriter, defer, install, later
 
 
 class CountingStream(io.StringIO):
@@ -118,3 +118,49 @@ def test_without_a_writer_defer_logs_the_ordinary_way(caplog: pytest.LogCaptureF
         writer.stop()
         install(None)
     assert stream.getvalue() == ""
+
+
+def test_later_runs_on_the_writer_thread_in_order_with_the_lines(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Records and counters leave the callback: queued, then run by the writer,
+    after the lines queued before them; a job that raises stops nothing."""
+    stream = io.StringIO()
+    target = logging.StreamHandler(stream)
+    target.setFormatter(logging.Formatter("%(message)s"))
+    writer = LogWriter(target)
+    logger = logging.getLogger("heloguard.test-later")
+    logger.propagate = False
+    logger.addHandler(writer.handler)
+    logger.setLevel(logging.INFO)
+    ran: list[tuple[int, str, int]] = []
+
+    def job(n: int) -> None:  # what the stream held when the job ran
+        ran.append((n, threading.current_thread().name, len(stream.getvalue().splitlines())))
+
+    def broken() -> None:
+        raise ValueError("a bad job")
+
+    install(writer)
+    caplog.set_level(logging.ERROR, logger="heloguard")
+    try:
+        for n in range(3):
+            defer(logger, logging.INFO, f"line {n}")
+            later(job, n)
+        later(broken)
+        defer(logger, logging.INFO, "after the bad job")
+        assert ran == [], "nothing runs in the caller"
+    finally:
+        writer.stop()
+        install(None)
+    assert ran == [(0, "heloguard-log", 1), (1, "heloguard-log", 2), (2, "heloguard-log", 3)]
+    assert stream.getvalue().splitlines() == ["line 0", "line 1", "line 2", "after the bad job"]
+    (failure,) = [r for r in caplog.records if r.getMessage().startswith("log writer: ")]
+    assert "broken" in failure.getMessage() and failure.exc_info is not None
+    assert str(failure.exc_info[1]) == "a bad job"
+
+
+def test_without_a_writer_later_runs_at_once() -> None:
+    ran: list[str] = []
+    later(ran.append, threading.current_thread().name)
+    assert ran == [threading.current_thread().name]
