@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import functools
 import ipaddress
 import logging
 import queue
@@ -101,6 +102,16 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
     ),
 }
 PASS_COUNT_INTERVAL = 3600  # at most one pass per client per hour counts towards the whitelist
+# A pass is remembered in memory this long: a repeat within it is answered
+# without a store transaction.  What that skips is a last_seen update (expiry
+# is 35 days) and a pass count (counted at most hourly), each delayed by at
+# most this; a triplet or client deleted by another process (the admin
+# command, another host) may still pass here for up to this long.
+PASS_MEMO = 60.0
+PASS_MEMO_SIZE = 65536  # remembered passes at most (oldest dropped first)
+ALLOWED = "allowed by an admin"
+WHITELISTED = "client whitelisted after repeated passes"
+CLIENT_PASSES = (ALLOWED, WHITELISTED)  # a pass of the whole client, not of one triplet
 FAULT_REPORT_INTERVAL = 60.0  # while the store keeps failing, a summary line this often
 
 # The SQL of every decision, shared by both backends: "?" placeholders (the
@@ -259,11 +270,20 @@ def normalize_sender(sender: str) -> str:
 
 def client_key(client: IPAddress, verified: tuple[str, ...], cfg: GreylistConfig) -> str:
     """The client part of the key: its verified, non-generic domain, else its network."""
+    return _client_key(client, verified, cfg.ipv4_mask, cfg.ipv6_mask)
+
+
+@functools.lru_cache(maxsize=16384)
+def _client_key(
+    client: IPAddress, verified: tuple[str, ...], ipv4_mask: int, ipv6_mask: int
+) -> str:
+    # Pure (the built-in classifier only), and asked for every greylisted
+    # session: a repeat client's key is remembered rather than classified again.
     for name in verified:
         domain = registered_domain(name)
         if domain and not classify(name, client).generic:
             return f"domain:{domain}"
-    mask = cfg.ipv4_mask if client.version == 4 else cfg.ipv6_mask
+    mask = ipv4_mask if client.version == 4 else ipv6_mask
     net = ipaddress.ip_network(f"{client}/{mask}", strict=False)
     return f"net:{net}"
 
@@ -651,6 +671,9 @@ class Greylist:
         self._failed = 0  # decisions that followed on_error in the current trouble
         self._seen: set[str] = set()  # reasons already logged in the current trouble
         self._reported = 0.0
+        # recent passes: a client key (whitelisted) or a triplet -> (until, reason)
+        self._passes: dict[str | tuple[str, str, str], tuple[float, str]] = {}
+        self._passes_lock = threading.Lock()  # for writers; a read is one dict lookup
 
     def describe(self) -> str:
         """Where the store is, for the log."""
@@ -715,9 +738,39 @@ class Greylist:
     # -- decisions --------------------------------------------------------
 
     def check(self, client: str, sender: str, rcpt: str) -> Outcome:
-        """Record this attempt and say whether it passes (never raises)."""
+        """Record this attempt and say whether it passes (never raises).
+
+        A pass the store gave within the last :data:`PASS_MEMO` seconds is
+        answered from memory: a busy sender's every message would otherwise
+        wait for a transaction that only moves ``last_seen``."""
         sender, rcpt = normalize_sender(sender), rcpt.strip().strip("<>").lower()
-        return self._guarded(lambda: self._check(client, sender, rcpt), write=True)
+        key = (client, sender, rcpt)
+        now = self.clock()
+        passes = self._passes
+        for memo in (client, key):
+            hit = passes.get(memo)
+            if hit is not None and hit[0] > now:
+                return Outcome(True, hit[1])
+        outcome = self._guarded(lambda: self._check(client, sender, rcpt), write=True)
+        if outcome.passed and not outcome.error:
+            self._remember(client if outcome.reason in CLIENT_PASSES else key, now, outcome)
+        return outcome
+
+    def _remember(self, memo: str | tuple[str, str, str], now: float, outcome: Outcome) -> None:
+        reason = outcome.reason if isinstance(memo, str) else "known triplet"
+        with self._passes_lock:
+            self._passes.pop(memo, None)  # re-inserted last: the dict stays oldest first
+            self._passes[memo] = (now + PASS_MEMO, reason)
+            while len(self._passes) > PASS_MEMO_SIZE:
+                del self._passes[next(iter(self._passes))]
+
+    def _forget(self, client: str) -> None:
+        """Drop the remembered passes of a client key (an admin change here)."""
+        with self._passes_lock:
+            for memo in [
+                m for m in self._passes if client in (m, m[0] if isinstance(m, tuple) else m)
+            ]:
+                del self._passes[memo]
 
     def _guarded(self, decide: Callable[[], Outcome], *, write: bool) -> Outcome:
         """Run a decision on the backend; a store failure follows on_error."""
@@ -735,9 +788,7 @@ class Greylist:
         with self.backend.transaction() as db:
             row = db.execute(SQL_CLIENT, (client,)).fetchone()
             if row and (row[1] or (row[0] is not None and row[0] > now)):
-                why = (
-                    "allowed by an admin" if row[1] else "client whitelisted after repeated passes"
-                )
+                why = ALLOWED if row[1] else WHITELISTED
                 self._count_pass(db, client, now)
                 return Outcome(True, why)
             t = self._lock_triplet(db, key, now)
@@ -873,6 +924,7 @@ class Greylist:
 
     def delete(self, key: str) -> int:
         """Forget a client part entirely; returns the rows deleted."""
+        self._forget(key)
         with self.backend.transaction(housekeeping=True) as db:
             n = db.execute("DELETE FROM triplets WHERE client = ?", (key,)).rowcount
             n += db.execute("DELETE FROM clients WHERE client = ?", (key,)).rowcount

@@ -76,6 +76,10 @@ class Metrics:
             if rep.result.alerts:
                 self.list_errors.labels(rep.rule).inc(len(rep.result.alerts))
 
+    def greylisted(self, outcome: str) -> None:
+        """Count a greylist outcome (delayed, passed, error)."""
+        self.greylist.labels(outcome).inc()
+
     def dns_answer(self, answer: Answer) -> None:
         """Count a question that went to a nameserver."""
         self.dns.labels(answer.query.rdtype, str(answer.status)).inc()

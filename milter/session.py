@@ -382,7 +382,7 @@ class Session:
         outcome = grey.check(key, self.sender or "", recipient)
         if self.rt.metrics is not None:
             label = "error" if outcome.error else ("passed" if outcome.passed else "delayed")
-            self.rt.metrics.greylist.labels(label).inc()
+            later(self.rt.metrics.greylisted, label)
         detail = f"{outcome.reason}; key={key}" + (f"; {suspicion}" if suspicion else "")
         if outcome.passed:
             if outcome.reason.startswith("retried") or outcome.error:

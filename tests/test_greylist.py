@@ -32,6 +32,7 @@ import pytest
 
 from heloguard.config import GreylistConfig
 from heloguard.greylist import (
+    PASS_MEMO,
     SCHEMA_VERSION,
     Greylist,
     SqliteBackend,
@@ -121,6 +122,43 @@ def test_first_early_pass_known(stores: Stores) -> None:
     clock.t += 10 * DAY
     assert g.check(*T).reason == "known triplet"
     assert g.faults == 0
+
+
+def test_a_recent_pass_is_answered_without_the_store(stores: Stores) -> None:
+    """Within PASS_MEMO of a pass the store is not asked again; after it, it is."""
+    g, clock = stores()
+    g.check(*T)
+    clock.t += 400
+    assert g.check(*T).passed
+    attempts = stores.sql("SELECT attempts, last_seen FROM triplets")
+    for _ in range(5):
+        clock.t += 10
+        again = g.check(*T)
+        assert again.passed and again.reason == "known triplet"
+    assert stores.sql("SELECT attempts, last_seen FROM triplets") == attempts, "nothing written"
+    clock.t += PASS_MEMO
+    assert g.check(*T).reason == "known triplet"
+    (after,) = stores.sql("SELECT attempts, last_seen FROM triplets")
+    assert after == (attempts[0][0] + 1, int(clock.t)), "past the memo the store is asked"
+
+
+def test_a_remembered_pass_lasts_at_most_pass_memo_after_a_delete(stores: Stores) -> None:
+    """Another process (the admin command) deletes the client: this daemon may pass it
+    for at most PASS_MEMO more; a delete through this daemon's own store is at once."""
+    g, clock = stores()
+    admin, _ = stores()
+    g.check(*T)
+    clock.t += 400
+    assert g.check(*T).passed
+    assert admin.delete(T[0]) >= 1
+    clock.t += PASS_MEMO - 1
+    assert g.check(*T).passed, "remembered"
+    clock.t += 2
+    assert g.check(*T).reason == "first attempt", "the memo ran out: the store decides"
+    clock.t += 400
+    assert g.check(*T).passed
+    assert g.delete(T[0]) >= 1
+    assert g.check(*T).reason == "first attempt", "a delete here forgets at once"
 
 
 def test_retry_after_the_window_starts_over(stores: Stores) -> None:
