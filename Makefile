@@ -84,8 +84,10 @@ test: $(STAMP) deps-test lint type
 	$(BIN)/pytest -q
 
 # The protocol benchmark builds a C filter on libmilter; the Postfix one runs the
-# private Postfix of the tests: the same Debian packages as the tests.
+# private Postfix of the tests: the same Debian packages as the tests, and perf
+# for the system-call counts (bench/syscalls.py).
 bench: $(STAMP) deps-test
+	$(call apt_ensure,linux-perf)
 	$(BIN)/python bench/run.py
 
 # Not in CI: 50,000 sessions at concurrency 256 with 5 % random DNS faults (docs/security.md).

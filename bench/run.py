@@ -25,12 +25,14 @@ import greylist_pg
 import greylist_rate
 import postfix_e2e
 import protocol
+import syscalls
 import whatif_rate
 from common import ROOT, machine
 
 SECTIONS = [
     protocol,
     callbacks,
+    syscalls,
     postfix_e2e,
     cold_chain,
     generic_names,
