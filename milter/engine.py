@@ -53,6 +53,8 @@ log = logging.getLogger("heloguard.engine")
 INTERNAL_ERROR = Reply(451, "4.3.0", "Temporary local problem; try again later")
 # A phase that did not finish in time (the daemon is overloaded): defer, never refuse.
 OVERDUE = Reply(451, "4.4.3", "Temporary problem checking your host; try again later")
+# What a rule short-circuited before it finished reports (one shared value).
+NOT_EVALUATED = Result(Outcome.SKIP, "not evaluated: the session was already rejected")
 
 
 class Verdict(StrEnum):
@@ -546,7 +548,7 @@ class _Phase:
             live = self._round(live, answers)
         for e, gen, _ in live.values():  # short-circuited: never finished
             gen.close()
-            self.finish(e, Result(Outcome.SKIP, "not evaluated: the session was already rejected"))
+            self.finish(e, NOT_EVALUATED)
 
     def _round(
         self,

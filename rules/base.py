@@ -28,6 +28,8 @@ from __future__ import annotations
 from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass, field
 from enum import IntEnum, StrEnum
+from functools import lru_cache
+from types import MappingProxyType
 from typing import Any, Generic, TypeVar
 
 from heloguard.answers import Answer, IPAddress, Query
@@ -88,6 +90,15 @@ class Reply:
         return Reply(451, "4" + self.status[1:], self.text if text is None else text)
 
 
+# One read-only empty mapping for every finding without facts: a kept decision
+# holds a Result per rule, and an empty dict each would be most of their size.
+NO_FACTS: Mapping[str, Any] = MappingProxyType({})
+
+
+def _no_facts() -> Mapping[str, Any]:
+    return NO_FACTS
+
+
 @dataclass(frozen=True, slots=True)
 class Result:
     """A rule's finding, with the reasoning a mail admin needs to see."""
@@ -97,7 +108,7 @@ class Result:
     reply: Reply | None = None
     notes: tuple[str, ...] = ()
     # Facts other stages may use (for example the verified client names).
-    facts: Mapping[str, Any] = field(default_factory=dict)
+    facts: Mapping[str, Any] = field(default_factory=_no_facts)
     # A fail that holds whatever TEMP answers the rule also saw (a DNSBL listing
     # while another list timed out).  Otherwise the engine defers such a fail.
     certain: bool = False
@@ -111,21 +122,22 @@ class Result:
 
 def passed(reason: str, *, notes: tuple[str, ...] = (), **facts: Any) -> Result:
     """The check holds."""
-    return Result(Outcome.PASS, reason, notes=notes, facts=facts)
+    return Result(Outcome.PASS, reason, notes=notes, facts=facts or NO_FACTS)
 
 
 def failed(reply: Reply, reason: str, *, notes: tuple[str, ...] = (), **facts: Any) -> Result:
     """The check does not hold, on certain facts."""
-    return Result(Outcome.FAIL, reason, reply, notes=notes, facts=facts)
+    return Result(Outcome.FAIL, reason, reply, notes=notes, facts=facts or NO_FACTS)
 
 
 def tempfailed(reply: Reply, reason: str, *, notes: tuple[str, ...] = (), **facts: Any) -> Result:
     """The check could not be decided now (a 5xx reply is turned into its 4xx)."""
-    return Result(Outcome.TEMPFAIL, reason, reply.temporary(), notes=notes, facts=facts)
+    return Result(Outcome.TEMPFAIL, reason, reply.temporary(), notes=notes, facts=facts or NO_FACTS)
 
 
+@lru_cache(maxsize=128)
 def skipped(reason: str) -> Result:
-    """The check does not apply."""
+    """The check does not apply.  (Reasons are fixed texts: one shared value each.)"""
     return Result(Outcome.SKIP, reason)
 
 
