@@ -842,11 +842,11 @@ def report(
             "Target: through Postfix, heloguard at least 0.95 times the sessions per second of",
             "the no-op pymilter, on the mix and on well-run servers alone.",
             "",
-            f"- **On the bot/server mix: {ratio:.2f} ({met})**; per round "
+            f"- **On the bot/server mix: {ratio:.2f}, all rounds pooled ({met})**; per round "
             f"{', '.join(f'{x:.2f}' for x in per_round)} (median {median(per_round):.2f}).",
             "- **On well-run servers only, where every client is accepted under both: "
-            f"{clean_ratio:.2f} ({clean_met})**; heloguard answers ACCEPT for the message at",
-            "  MAIL (nothing is left to judge at RCPT), so Postfix sends it no RCPT;",
+            f"{clean_ratio:.2f}, pooled ({clean_met})**; heloguard answers ACCEPT for the",
+            "  message at MAIL (nothing is left to judge at RCPT), so Postfix sends it no RCPT;",
             f"  per round {', '.join(f'{x:.2f}' for x in clean_rounds)} "
             f"(median {median(clean_rounds):.2f}).",
             "",

@@ -188,10 +188,10 @@ def heloguard(work: Path, dns: DNSServer, name: str, extra: str = "") -> tuple[l
 
 def sessions_for(concurrency: int) -> int:
     """Enough sessions for a steady figure in a couple of seconds."""
-    return max(1200, concurrency * 8)
+    return max(2400, concurrency * 12)
 
 
-ROUNDS = 3  # interleaved rounds per cell: the median and the spread are reported
+ROUNDS = 5  # interleaved rounds per cell: the median and the spread are reported
 
 
 @dataclass
