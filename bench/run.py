@@ -23,6 +23,7 @@ import cold_chain
 import generic_names
 import greylist_pg
 import greylist_rate
+import pinned
 import postfix_e2e
 import protocol
 import syscalls
@@ -33,6 +34,7 @@ SECTIONS = [
     protocol,
     callbacks,
     syscalls,
+    pinned,
     postfix_e2e,
     cold_chain,
     generic_names,

@@ -1,0 +1,143 @@
+"""Throughput with the filter and the load generator on separate cores.
+
+``bench/protocol.py`` runs the load generator beside the filter on the same two
+cores, so at 256 connections every filter, the C one included, loses about the
+same share of its rate, and that share says more about the generator than about
+the filter.  Here the filter is pinned to one core (``taskset -c 1``) and the
+generator to the other, so a filter's rate is what one core lets it do.  The
+warm set of ``bench/protocol.py``; concurrency 8, 64 and 256; ``ROUNDS``
+rounds, the filters in alternating order.  heloguard runs twice: with a
+decision line per session (the default) and with ``[log] level = "warning"``
+(no decision lines), which tells what the log writer's thread costs the
+libmilter threads when they share one core with it.
+
+Run alone: ``python bench/pinned.py``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import loadgen
+import protocol
+from common import TESTS, median
+
+from dnsserver import DNSServer
+
+CONCURRENCY = (8, 64, 256)
+ROUNDS = 3
+QUIET = "heloguard, no decision lines"
+
+
+def _rounds(
+    filters: list[protocol.Filter], cases: list[loadgen.Case]
+) -> dict[tuple[str, int], list[loadgen.Result]]:
+    for f in filters:  # warm up: Python, libmilter's threads, heloguard's caches
+        loadgen.run(f.socket, cases, concurrency=16, sessions=len(cases) * 4, pid=f.pid)
+    out: dict[tuple[str, int], list[loadgen.Result]] = {}
+    for n in range(ROUNDS):
+        for conc in CONCURRENCY:
+            for f in filters if n % 2 == 0 else filters[::-1]:
+                r = loadgen.run(
+                    f.socket,
+                    cases,
+                    concurrency=conc,
+                    sessions=protocol.sessions_for(conc),
+                    pid=f.pid,
+                )
+                out.setdefault((f.label, conc), []).append(r)
+    return out
+
+
+def run() -> str:
+    """Measure and return the markdown section."""
+    head = [
+        "## Filter and load generator on separate cores (`bench/pinned.py`)",
+        "",
+        "The filter pinned to core 1, the load generator to core 0; otherwise as",
+        "the warm table of `bench/protocol.py` (200 clients, every answer cached).",
+        f"{ROUNDS} rounds, interleaved; sessions per second, median (range), and the",
+        "filter's CPU per session (`/proc` times).",
+        "",
+    ]
+    if len(os.sched_getaffinity(0)) < 2 or shutil.which("taskset") is None:
+        return "\n".join([*head, "Not measured: needs two cores and taskset (util-linux)."])
+    work = Path(tempfile.mkdtemp(prefix="hg-bench-pin-"))
+    cases = [protocol.case(i) for i in range(200)]
+    own = os.sched_getaffinity(0)
+    with DNSServer(TESTS / "zones") as dns:
+        protocol.serve_clients(dns, 200)
+        noop = protocol.build_noop(work)
+        hg_argv, hg_sock = protocol.heloguard(work, dns, "loud")
+        quiet_argv, quiet_sock = protocol.heloguard(
+            work, dns, "quiet", '[log]\nlevel = "warning"\n'
+        )
+        pin = ["taskset", "-c", "1"]
+        specs = [
+            ("no-op C (libmilter)", [*pin, str(noop), f"unix:{work}/c.sock"], work / "c.sock"),
+            (
+                "no-op pymilter",
+                [
+                    *pin,
+                    sys.executable,
+                    str(protocol.HERE / "baseline" / "noop_pymilter.py"),
+                    f"unix:{work}/py.sock",
+                ],
+                work / "py.sock",
+            ),
+            ("heloguard", [*pin, *hg_argv], hg_sock),
+            (QUIET, [*pin, *quiet_argv], quiet_sock),
+        ]
+        os.sched_setaffinity(0, {0})  # the generator (and the test DNS server, idle here)
+        try:
+            with contextlib.ExitStack() as stack:
+                filters = [
+                    stack.enter_context(
+                        protocol.running(label, argv, sock, work / f"{sock.stem}.log")
+                    )
+                    for label, argv, sock in specs
+                ]
+                results = _rounds(filters, cases)
+        finally:
+            os.sched_setaffinity(0, own)
+    shutil.rmtree(work, ignore_errors=True)
+    labels = [label for label, _, _ in specs]
+    lines = [
+        *head,
+        "| concurrency | filter | sessions/s, median (range) | CPU per session, median | errors |",
+        "|---|---|---|---|---|",
+    ]
+    for conc in CONCURRENCY:
+        for label in labels:
+            rs = results[(label, conc)]
+            rates = [r.rate for r in rs]
+            cpu = median([(r.cpu_per_session or float("nan")) * 1e6 for r in rs])
+            errors = sum(sum(r.errors.values()) for r in rs)
+            lines.append(
+                f"| {conc} | {label} | {median(rates):,.0f} "
+                f"({min(rates):,.0f}-{max(rates):,.0f}) | {cpu:.0f} us | {errors} |"
+            )
+    lines.append("")
+    kept = []
+    for label in labels:
+        best = max(median([r.rate for r in results[(label, c)]]) for c in CONCURRENCY[:-1])
+        at = median([r.rate for r in results[(label, CONCURRENCY[-1])]])
+        kept.append(f"{label} {at / best:.2f}")
+    lines.append(
+        "- Rate at 256 as a share of the best at 8 or 64: " + "; ".join(kept) + ".  "
+        "The two heloguard rows differ only in the decision line each session "
+        "queues for the log writer's thread, which formats and writes them on the "
+        "same core as libmilter's threads."
+    )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(run())
