@@ -5,8 +5,8 @@ cores, so at 256 connections every filter, the C one included, loses about the
 same share of its rate, and that share says more about the generator than about
 the filter.  Here the filter is pinned to one core (``taskset -c 1``) and the
 generator to the other, so a filter's rate is what one core lets it do.  The
-warm set of ``bench/protocol.py``; concurrency 8, 64 and 256; ``ROUNDS``
-rounds, the filters in alternating order.  heloguard runs twice: with a
+warm set of ``bench/protocol.py``, measured by its ``warm_rows`` (its rounds,
+the filters in alternating order) at concurrency 8, 64 and 256.  heloguard runs twice: with a
 decision line per session (the default) and with ``[log] level = "warning"``
 (no decision lines), which tells what the log writer's thread costs the
 libmilter threads when they share one core with it.
@@ -25,35 +25,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import loadgen
 import protocol
-from common import TESTS, median
+from common import TESTS
 
 from dnsserver import DNSServer
 
 CONCURRENCY = (8, 64, 256)
-ROUNDS = 3
 QUIET = "heloguard, no decision lines"
-
-
-def _rounds(
-    filters: list[protocol.Filter], cases: list[loadgen.Case]
-) -> dict[tuple[str, int], list[loadgen.Result]]:
-    for f in filters:  # warm up: Python, libmilter's threads, heloguard's caches
-        loadgen.run(f.socket, cases, concurrency=16, sessions=len(cases) * 4, pid=f.pid)
-    out: dict[tuple[str, int], list[loadgen.Result]] = {}
-    for n in range(ROUNDS):
-        for conc in CONCURRENCY:
-            for f in filters if n % 2 == 0 else filters[::-1]:
-                r = loadgen.run(
-                    f.socket,
-                    cases,
-                    concurrency=conc,
-                    sessions=protocol.sessions_for(conc),
-                    pid=f.pid,
-                )
-                out.setdefault((f.label, conc), []).append(r)
-    return out
 
 
 def run() -> str:
@@ -63,7 +41,7 @@ def run() -> str:
         "",
         "The filter pinned to core 1, the load generator to core 0; otherwise as",
         "the warm table of `bench/protocol.py` (200 clients, every answer cached).",
-        f"{ROUNDS} rounds, interleaved; sessions per second, median (range), and the",
+        f"{protocol.ROUNDS} rounds, interleaved; sessions per second, median (range), and the",
         "filter's CPU per session (`/proc` times).",
         "",
     ]
@@ -104,7 +82,10 @@ def run() -> str:
                     )
                     for label, argv, sock in specs
                 ]
-                results = _rounds(filters, cases)
+                rows = {
+                    (r.label, r.concurrency): r
+                    for r in protocol.warm_rows(filters, cases, CONCURRENCY)
+                }
         finally:
             os.sched_setaffinity(0, own)
     shutil.rmtree(work, ignore_errors=True)
@@ -116,19 +97,17 @@ def run() -> str:
     ]
     for conc in CONCURRENCY:
         for label in labels:
-            rs = results[(label, conc)]
-            rates = [r.rate for r in rs]
-            cpu = median([(r.cpu_per_session or float("nan")) * 1e6 for r in rs])
-            errors = sum(sum(r.errors.values()) for r in rs)
+            row = rows[(label, conc)]
+            errors = sum(row.result.errors.values())
             lines.append(
-                f"| {conc} | {label} | {median(rates):,.0f} "
-                f"({min(rates):,.0f}-{max(rates):,.0f}) | {cpu:.0f} us | {errors} |"
+                f"| {conc} | {label} | {row.rate:,.0f} "
+                f"({min(row.rates):,.0f}-{max(row.rates):,.0f}) | {row.cpu_us:.0f} us | {errors} |"
             )
     lines.append("")
     kept = []
     for label in labels:
-        best = max(median([r.rate for r in results[(label, c)]]) for c in CONCURRENCY[:-1])
-        at = median([r.rate for r in results[(label, CONCURRENCY[-1])]])
+        best = max(rows[(label, c)].rate for c in CONCURRENCY[:-1])
+        at = rows[(label, CONCURRENCY[-1])].rate
         kept.append(f"{label} {at / best:.2f}")
     lines.append(
         "- Rate at 256 as a share of the best at 8 or 64: " + "; ".join(kept) + ".  "

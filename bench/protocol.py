@@ -239,15 +239,17 @@ class Row:
         return out
 
 
-def warm_rows(filters: list[Filter], cases: list[Case]) -> list[Row]:
-    """Every filter at every concurrency, ``ROUNDS`` times, interleaved: within a round
+def warm_rows(
+    filters: list[Filter], cases: list[Case], concurrency: tuple[int, ...] = CONCURRENCY
+) -> list[Row]:
+    """Every filter at each ``concurrency``, ``ROUNDS`` times, interleaved: within a round
     the filters run back to back at one concurrency, in alternating order, so a drift
     of the shared machine hits all alike."""
     for f in filters:  # warm up: Python, libmilter's threads, heloguard's caches
         loadgen.run(f.socket, cases, concurrency=16, sessions=len(cases) * 2, pid=f.pid)
-    rows = {(f.label, c): Row(f.label, c, []) for c in CONCURRENCY for f in filters}
+    rows = {(f.label, c): Row(f.label, c, []) for c in concurrency for f in filters}
     for n in range(ROUNDS):
-        for conc in CONCURRENCY:
+        for conc in concurrency:
             for f in filters if n % 2 == 0 else filters[::-1]:
                 r = loadgen.run(
                     f.socket, cases, concurrency=conc, sessions=sessions_for(conc), pid=f.pid
