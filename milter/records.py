@@ -86,14 +86,14 @@ class RecordWriter:
             try:
                 self._fh.write(line)
             except OSError as exc:
-                if self.failed is None:
+                first, self.failed = self.failed is None, exc  # set before anyone reads the log
+                if first:
                     log.error(  # noqa: TRY400 - the reason is the whole story
                         "decision records: cannot write %s: %s; judged sessions are answered"
                         " per failure_policy until a record is written again",
                         self.path,
                         exc.strerror or exc,
                     )
-                self.failed = exc
                 return
             if self.failed is not None:
                 log.warning("decision records: writing %s again", self.path)
