@@ -44,7 +44,7 @@ from heloguard import logsink
 from heloguard.config import DEFAULT_PATH, Config, ConfigError, GreylistConfig, LogConfig, load
 from heloguard.greylist import Greylist, StoreError, admin_key
 from heloguard.logfmt import printable
-from heloguard.logsink import LogWriter
+from heloguard.logsink import LineFormatter, LogWriter
 from heloguard.resolver import parse_nameserver
 
 if TYPE_CHECKING:
@@ -103,13 +103,13 @@ def _log_target(cfg: LogConfig) -> tuple[logging.Handler, str]:
             _probe_syslog(cfg.syslog_socket)
             facility = logging.handlers.SysLogHandler.facility_names[cfg.facility]
             handler = logging.handlers.SysLogHandler(address=cfg.syslog_socket, facility=facility)
-            handler.setFormatter(logging.Formatter(f"{NAME}[%(process)d]: %(message)s"))
+            handler.setFormatter(LineFormatter(f"{NAME}[{os.getpid()}]: ", stamped=False))
         except (OSError, KeyError) as exc:
             fallback = f"syslog unavailable ({exc}); logging to stderr"
         else:
             return handler, ""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(f"%(asctime)s {NAME}[%(process)d]: %(message)s"))
+    handler.setFormatter(LineFormatter(f"{NAME}[{os.getpid()}]: ", stamped=True))
     return handler, fallback
 
 

@@ -37,16 +37,67 @@ from typing import Any, TextIO
 
 _STOP = None  # the sentinel that ends the writer
 BATCH_WAIT = 0.05  # seconds a line may wait to be written with others
-# The writer hands the GIL back after this many lines.  It makes a batch of
-# lines in one go; meanwhile each of libmilter's threads wanting the GIL waits
-# out Python's switch interval (5 ms) and then forces a hand-over.  With 256
-# connections on one core that convoy cost a quarter of the throughput
-# (bench/pinned.py); a voluntary hand-over every few lines lets a waiting
-# callback in at once.
-YIELD_EVERY = 8
+# The writer hands the GIL back when it has held it this long (seconds).  It
+# makes a batch of lines in one go; meanwhile each of libmilter's threads
+# wanting the GIL waits out Python's switch interval (5 ms) and then forces a
+# hand-over.  With 256 connections on one core that convoy cost a quarter of
+# the throughput (bench/pinned.py).  A hand-over after every few lines cured
+# it but cost more than it saved when the threads run on two cores: each one
+# woke a waiting callback thread and queued the writer behind it, about 40 us
+# of CPU per session at concurrency 8 (bench/protocol.py).  By time, it
+# happens about once a batch.
+HOLD_MAX = 0.002
 
 # A line queued by defer(): the logger, the level, the message, time.time().
 Deferred = tuple[logging.Logger, int, object, float]
+
+
+class _Pace:
+    """Counts the writer's steps through a batch; hands the GIL back when it has
+    held it ``HOLD_MAX`` (the clock is read every eighth step)."""
+
+    __slots__ = ("since", "steps")
+
+    def __init__(self) -> None:
+        self.steps = 0
+        self.since = time.monotonic()
+
+    def step(self) -> None:
+        self.steps += 1
+        if self.steps % 8 == 0 and time.monotonic() - self.since >= HOLD_MAX:
+            time.sleep(0)  # releases the GIL: see HOLD_MAX
+            self.since = time.monotonic()
+
+
+class LineFormatter(logging.Formatter):
+    """``[TIME ]PREFIX MESSAGE``, for a record or straight from a deferred line.
+
+    The daemon's own formats are a prefix and the message, after the time or
+    not.  For those the writer makes a deferred line's text with :meth:`line`:
+    no ``LogRecord``, and the time text made once a second, where a
+    ``logging.Formatter`` spends about as long again on the record and on
+    ``strftime`` as on the line itself.  Records logged the ordinary way
+    format as ``logging.Formatter`` would, to the same text.
+    """
+
+    def __init__(self, prefix: str, *, stamped: bool) -> None:
+        super().__init__(
+            ("%(asctime)s " if stamped else "") + prefix.replace("%", "%%") + "%(message)s"
+        )
+        self.prefix = prefix
+        self.stamped = stamped
+        self._second = -1
+        self._stamp = ""
+
+    def line(self, msg: object, created: float) -> str:
+        """The text of a deferred line, as :meth:`format` makes it of its record."""
+        if not self.stamped:
+            return f"{self.prefix}{msg}"
+        second = int(created)
+        if second != self._second:  # only the writer's thread calls this
+            self._stamp = time.strftime(self.default_time_format, self.converter(second))
+            self._second = second
+        return f"{self._stamp},{int((created - second) * 1000):03d} {self.prefix}{msg}"
 
 
 class Job:
@@ -110,22 +161,22 @@ class LogWriter:
                     batch.append(self.queue.get_nowait())
                 except queue.Empty:
                     break
-            records: list[logging.LogRecord] = []
+            records: list[logging.LogRecord | Deferred] = []
             stop = False
-            for n, item in enumerate(batch, 1):
-                if n % YIELD_EVERY == 0:
-                    time.sleep(0)  # releases the GIL: see YIELD_EVERY
+            pace = _Pace()
+            for item in batch:
+                pace.step()
                 if item is _STOP:
                     stop = True
                 elif isinstance(item, Job):
                     if records:  # keep the order: lines queued before the job first
-                        self._write(records)
+                        self._write(records, pace)
                         records = []
                     item()
                 else:
-                    records.append(_record(item))
+                    records.append(item)
             if records:
-                self._write(records)
+                self._write(records, pace)
             if stop:
                 return
 
@@ -138,26 +189,30 @@ class LogWriter:
             seen = seen.parent
         return seen.handlers == [self.handler] and not seen.propagate
 
-    def _write(self, records: list[logging.LogRecord]) -> None:
+    def _write(self, items: list[logging.LogRecord | Deferred], pace: _Pace) -> None:
         target = self.target
         stream: TextIO | None = getattr(target, "stream", None)
-        if isinstance(target, logging.StreamHandler) and stream is not None:
-            lines = []
-            for n, r in enumerate(records, 1):
-                if n % YIELD_EVERY == 0:
-                    time.sleep(0)  # releases the GIL: see YIELD_EVERY
-                try:
-                    lines.append(target.format(r) + target.terminator)
-                except Exception:  # noqa: BLE001 - as Handler.handleError would
-                    target.handleError(r)
-            try:
-                stream.write("".join(lines))
-                stream.flush()
-            except Exception:  # noqa: BLE001 - a full disk must not stop the writer
-                target.handleError(records[-1])
+        if not isinstance(target, logging.StreamHandler) or stream is None:
+            for item in items:
+                target.handle(_record(item))
             return
-        for r in records:
-            target.handle(r)
+        fast = target.formatter if isinstance(target.formatter, LineFormatter) else None
+        end = target.terminator
+        lines = []
+        for item in items:
+            pace.step()
+            try:
+                if fast is not None and isinstance(item, tuple):
+                    lines.append(fast.line(item[2], item[3]) + end)
+                else:
+                    lines.append(target.format(_record(item)) + end)
+            except Exception:  # noqa: BLE001 - as Handler.handleError would
+                target.handleError(_record(item))
+        try:
+            stream.write("".join(lines))
+            stream.flush()
+        except Exception:  # noqa: BLE001 - a full disk must not stop the writer
+            target.handleError(_record(items[-1]))
 
     def stop(self, timeout: float = 5.0) -> None:
         """Write everything queued, then end the thread (idempotent)."""

@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from heloguard.logsink import LogWriter, defer, install, later
+from heloguard.logsink import LineFormatter, LogWriter, defer, install, later
 
 
 class CountingStream(io.StringIO):
@@ -164,3 +164,40 @@ def test_without_a_writer_later_runs_at_once() -> None:
     ran: list[str] = []
     later(ran.append, threading.current_thread().name)
     assert ran == [threading.current_thread().name]
+
+
+@pytest.mark.parametrize("stamped", [True, False])
+def test_a_deferred_line_reads_as_the_same_line_logged_the_ordinary_way(stamped: bool) -> None:
+    """The writer makes a deferred line's text without a LogRecord; it must be the
+    text ``logging.Formatter`` makes of the record, to the millisecond."""
+    fmt = LineFormatter("heloguard[42]: ", stamped=stamped)
+    plain = logging.Formatter(("%(asctime)s " if stamped else "") + "heloguard[42]: %(message)s")
+    logger = logging.getLogger("heloguard.test-line-format")
+    for created in (1765000000.0, 1765000000.0009, 1765000000.999, 1765000001.5, 1765086400.25):
+        record = logger.makeRecord(logger.name, logging.INFO, "x", 0, "pass: HELO 100%", (), None)
+        record.created, record.msecs = created, (created - int(created)) * 1000
+        expected = plain.format(record)
+        assert fmt.format(record) == expected
+        assert fmt.line("pass: HELO 100%", created) == expected
+
+
+def test_the_writer_writes_deferred_and_ordinary_lines_alike_in_order() -> None:
+    stream = io.StringIO()
+    target = logging.StreamHandler(stream)
+    target.setFormatter(LineFormatter("heloguard[7]: ", stamped=False))
+    writer = LogWriter(target)
+    logger = logging.getLogger("heloguard.test-line-writer")
+    logger.propagate = False
+    logger.addHandler(writer.handler)
+    logger.setLevel(logging.INFO)
+    install(writer)
+    try:
+        for i in range(20):
+            if i % 2:
+                defer(logger, logging.INFO, Line(f"line {i}"))
+            else:
+                logger.info("line %d", i)
+    finally:
+        writer.stop()
+        install(None)
+    assert stream.getvalue().splitlines() == [f"heloguard[7]: line {i}" for i in range(20)]
