@@ -89,25 +89,26 @@ def perf_usable() -> str:
 
 
 class Counted:
-    """A filter running under ``perf stat``, counting only when told to."""
+    """A filter running under ``perf stat`` (or the ``perf`` command given), counting
+    only when told to."""
 
-    def __init__(self, label: str, argv: list[str], sock: Path, work: Path) -> None:
+    def __init__(
+        self, label: str, argv: list[str], sock: Path, work: Path, perf_cmd: list[str] | None = None
+    ) -> None:
         self.label, self.sock = label, sock
         self.ctl, self.ack = work / f"{sock.stem}.ctl", work / f"{sock.stem}.ack"
         self.out = work / f"{sock.stem}.perf"
         for fifo in (self.ctl, self.ack):
             fifo.unlink(missing_ok=True)
             os.mkfifo(fifo)
-        events = ",".join(EVENTS.values())
+        cmd = perf_cmd or ["stat", "-x,", "-e", ",".join(EVENTS.values())]
         perf = [
             "perf",
-            "stat",
-            "-x,",
+            cmd[0],
             "-D",
             "-1",
             f"--control=fifo:{self.ctl},{self.ack}",
-            "-e",
-            events,
+            *cmd[1:],
             "-o",
             str(self.out),
             "--",
@@ -130,8 +131,8 @@ class Counted:
         self._ctl.flush()
         self._ack.readline()
 
-    def counts(self) -> dict[str, float]:
-        """Stop the filter and read what perf counted."""
+    def stop(self) -> None:
+        """Stop the filter; perf then writes its output file and exits."""
         self._ctl.close()
         self._ack.close()
         # perf waits for its child and then prints; stop the filter itself
@@ -143,6 +144,10 @@ class Counted:
             self.proc.kill()
             self.proc.wait()
         self.log.close()
+
+    def counts(self) -> dict[str, float]:
+        """Stop the filter and read what ``perf stat`` counted."""
+        self.stop()
         names = {v: k for k, v in EVENTS.items()}
         out: dict[str, float] = {}
         for line in self.out.read_text().splitlines():
@@ -164,8 +169,10 @@ def _children(pid: int) -> list[int]:
 
 
 @contextlib.contextmanager
-def counted(label: str, argv: list[str], sock: Path, work: Path) -> Iterator[Counted]:
-    c = Counted(label, argv, sock, work)
+def counted(
+    label: str, argv: list[str], sock: Path, work: Path, perf_cmd: list[str] | None = None
+) -> Iterator[Counted]:
+    c = Counted(label, argv, sock, work, perf_cmd)
     try:
         yield c
     finally:
