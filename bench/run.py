@@ -23,6 +23,7 @@ import cold_chain
 import generic_names
 import greylist_pg
 import greylist_rate
+import native
 import pinned
 import postfix_e2e
 import protocol
@@ -34,6 +35,7 @@ SECTIONS = [
     protocol,
     callbacks,
     syscalls,
+    native,
     pinned,
     postfix_e2e,
     cold_chain,
