@@ -21,6 +21,10 @@ code it was taken in:
   is built on; the rest of libpython and libc, which is Python code running:
   pymilter's Python layer and, under heloguard, ours).
 
+A fourth filter, heloguard started through
+``bench/baseline/heloguard_no_macros.py``, asks the MTA for no macros: the
+difference is what heloguard's two ``setsymlist`` calls cost.
+
 Sampling at ``FREQ`` Hz, a cell's figure is microseconds per session, summed
 over ``ROUNDS`` rounds; it is a profile, not the CPU benchmark (that is
 ``bench/protocol.py`` and ``bench/syscalls.py``).  Needs ``perf`` that may
@@ -75,6 +79,7 @@ GIL = "libpython: the GIL's own functions"
 LOCKS = "libc: locks and condition variables"
 PYTHON = "Python code running (interpreter, objects, libc)"
 OTHER = "other"
+NO_MACROS = "heloguard, no macro request"  # bench/baseline/heloguard_no_macros.py
 ROWS = [
     PYTHON,
     GIL,
@@ -237,6 +242,9 @@ def run() -> str:
             ),
             ("heloguard", *protocol.heloguard(work, dns, "hg")),
         ]
+        argv, sock = protocol.heloguard(work, dns, "hg-nomacros")
+        asks_none = [sys.executable, str(protocol.HERE / "baseline" / "heloguard_no_macros.py")]
+        filters.append((NO_MACROS, [*asks_none, *argv[argv.index("serve") :]], sock))
         record = ["record", "-e", "cpu-clock", "-F", str(FREQ), "-g", "-q"]
         for n_round in range(ROUNDS):
             for conc in CONCURRENCY:
@@ -292,6 +300,15 @@ def _reading(per: dict[tuple[str, int], dict[str, float]]) -> list[str]:
             f"{_part(hg, HAND_OVER) - _part(py, HAND_OVER):+.0f}.  Kernel time: "
             f"{_part(c, kernel):.0f} (C), {_part(py, kernel):.0f} (pymilter), "
             f"{_part(hg, kernel):.0f} us (heloguard)."
+        )
+        quiet = per[(NO_MACROS, conc)]
+        out.append(
+            f"- At {conc}: asking for `{{daemon_name}}` and `{{auth_authen}}` (two `setsymlist`"
+            f" calls in `negotiate`, pymilter's C lets go of the GIL around each) costs "
+            f"{sum(hg.values()) - sum(quiet.values()):.0f} us per session, "
+            f"{_part(hg, HAND_OVER) - _part(quiet, HAND_OVER):+.0f} of it hand-over.  "
+            "heloguard keeps asking: the submission and authenticated-sender spares must "
+            "not depend on the MTA's `milter_*_macros`."
         )
     return out
 
