@@ -163,9 +163,14 @@ class Decision:
     exempt: str = ""  # why the client is not judged (trusted, exception...), if so
     reused: bool = False  # taken from a recent identical decision: nothing was asked
     overdue: str = ""  # not finished in time (overload): why; deferred, rests on no facts
+    # Text made from this decision's facts (its log lines), kept for its repeats:
+    # made on the first repeat and shared by all of them; a one-off has none.
+    texts: dict[tuple[object, ...], str] | None = None
 
     def reuse(self) -> Decision:
         """A copy standing for a repeat of this decision: no DNS sent, no time taken."""
+        if self.texts is None:
+            self.texts = {}  # two threads at once: one dict is lost, which does no harm
         return Decision(
             verdict=self.verdict,
             stage=self.stage,
@@ -179,6 +184,7 @@ class Decision:
             elapsed=0.0,
             exempt=self.exempt,
             reused=True,
+            texts=self.texts,
         )
 
     def exempted(self, reason: str) -> Decision:

@@ -585,6 +585,9 @@ def _write_record(
     )
 
 
+TEXTS_KEPT = 4  # line texts kept per repeated decision (and its PTR name): a few senders
+
+
 class DecisionLine:
     """One decision's log line, its text made when it is written.
 
@@ -592,7 +595,10 @@ class DecisionLine:
     afterwards: its sender, its recipients); ``str()`` builds the text, in
     the log writer's thread (:func:`heloguard.logsink.defer`).  The deciding
     rule is taken now: a name exception later turns the decision into an
-    accept in place.
+    accept in place.  A repeat of a settled decision makes the same text from
+    the same inputs, so the text is kept on the decision (``Decision.texts``,
+    at most ``TEXTS_KEPT`` per decision) under every input it shows, and a
+    repeat client's line costs a lookup instead of escaping and formatting.
     """
 
     __slots__ = (
@@ -643,19 +649,52 @@ class DecisionLine:
     def _ptr_name(self, decision: Decision | None) -> str:
         if decision is None or self.ptr_query is None:
             return "unknown"
+        texts = decision.texts if decision.reused else None
+        if texts is not None and (known := texts.get((self.ptr_query,))) is not None:
+            return known
+        name = "unknown"
         verified = decision.facts("verified")
-        if verified:
-            return str(verified[0])
         ptr = decision.answers.get(self.ptr_query)
-        if ptr is not None and ptr.ok and ptr.records:
-            return ptr.records[0]
-        return "unknown"
+        if verified:
+            name = str(verified[0])
+        elif ptr is not None and ptr.ok and ptr.records:
+            name = ptr.records[0]
+        if texts is not None:
+            texts[(self.ptr_query,)] = name
+        return name
 
     def __str__(self) -> str:
-        decision, stage, detail = self.decision, self.stage, self.detail
-        name = escape(self._ptr_name(decision or self.name_from), 255)
+        name = self._ptr_name(self.decision or self.name_from)
         if name == "unknown" and self.helo_decision is not None:  # MAIL/RCPT decisions
-            name = escape(self._ptr_name(self.helo_decision), 255)
+            name = self._ptr_name(self.helo_decision)
+        decision = self.decision
+        texts = decision.texts if decision is not None and decision.reused else None
+        if texts is None:
+            return self._text(name)
+        # A repeat of a settled decision: the same inputs make the same line,
+        # without the time it took (none) and the questions sent (none).
+        key = (
+            name,
+            self.what,
+            self.stage,
+            self.addr,
+            self.helo,
+            self.sender,
+            self.rcpt,
+            self.detail,
+            self.rule,
+            tuple(self.warned) if self.warned else None,
+        )
+        text = texts.get(key)
+        if text is None:
+            text = self._text(name)
+            if len(texts) < TEXTS_KEPT:
+                texts[key] = text
+        return text
+
+    def _text(self, ptr_name: str) -> str:
+        decision, stage, detail = self.decision, self.stage, self.detail
+        name = escape(ptr_name, 255)
         parts = [
             f"{self.what}: {stage} from {name}[{self.addr}]: "
             f"{printable(detail, 600) if detail else 'ok'};"

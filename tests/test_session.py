@@ -15,8 +15,9 @@ from heloguard.answers import Answer, Query, Status
 from heloguard.config import from_mapping
 from heloguard.engine import Decision, Verdict
 from heloguard.greylist import client_key
+from heloguard.logfmt import escape
 from heloguard.rules.base import Stage
-from heloguard.session import Act, DecisionCache, Runtime, Session
+from heloguard.session import HELO_STAGES, Act, DecisionCache, DecisionLine, Runtime, Session
 
 from dnsserver import DNSServer
 
@@ -64,6 +65,92 @@ def test_a_reused_decision_says_so_in_the_log(
         first, second = [r.getMessage() for r in caplog.records if "reject: HELO" in r.getMessage()]
         assert re.search(r" dns=[1-9]\d*/\d+ ms=\d+$", first), first
         assert second.endswith(" ms=0") and " dns=0/" in second, second
+    finally:
+        rt.resolver.close()
+
+
+def test_a_repeat_logs_the_line_a_fresh_decision_would(
+    dns_server: DNSServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Repeats of a settled decision reuse its line text (DecisionLine keeps it on
+    the decision); each line must still be the one its own session makes: its
+    sender, escaped, never a neighbour's."""
+    rt = runtime(dns_server)
+    plain, hostile = "a@firemountain.net", "x\x1b[31m\r\n@firemountain.net"
+    senders = [plain, hostile, plain, hostile, plain]
+    try:
+        with caplog.at_level(logging.INFO, logger="heloguard.decisions"):
+            for sender in senders:
+                s, act = session(rt, "64.71.1.10", "ukiah.firemountain.net")
+                assert act is Act.CONTINUE
+                s.mail(sender)
+                s.close()
+                time.sleep(0.05)  # the connect-stage lookups finish: the next one reuses all
+        lines = [r.getMessage() for r in caplog.records]
+        helo = [ln for ln in lines if ln.startswith("pass: HELO ")]
+        mail = [ln for ln in lines if ln.startswith("pass: MAIL ")]
+        assert len(helo) == len(mail) == len(senders), lines
+        for line, sender in zip(mail, senders, strict=True):
+            assert line.startswith("pass: MAIL from ukiah.firemountain.net[64.71.1.10]: ok;")
+            assert f" from=<{escape(sender, 255)}> " in line, line
+            assert "\x1b" not in line and "\r" not in line
+        asked = mail[0].rsplit(" dns=", 1)[1].split("/")[1].split()[0]  # questions used
+        for line in (*helo[1:], *mail[2:]):  # repeats: nothing asked, no time taken
+            assert line.endswith(f" dns=0/{asked} ms=0"), line
+        assert len(set(helo[1:])) == 1
+        # made afresh (the first repeat), then kept: the same text, and the same as
+        # the original decision's line but for what the original asked
+        assert mail[2] == mail[4]
+        assert mail[0].rsplit(" dns=", 1)[0] == mail[4].rsplit(" dns=", 1)[0]
+        assert mail[1].rsplit(" dns=", 1)[0] == mail[3].rsplit(" dns=", 1)[0]
+
+        # one repeated decision; a kept line must never stand for a session that
+        # differs from its own in any field the line shows
+        repeat = rt.decisions.get((HELO_STAGES, "64.71.1.10", "ukiah.firemountain.net", None))
+        assert repeat is not None and repeat.texts is not None
+        s = Session(rt)
+        s.connect("64.71.1.10", "mx")
+
+        def make_line(**fields: Any) -> DecisionLine:
+            f = {**base, **fields}
+            s.addr, s.helo_raw, s.sender, s.recipients = (
+                f["addr"],
+                f["helo"],
+                f["sender"],
+                [f["rcpt"]],
+            )
+            made = DecisionLine(s, f["what"], f["stage"], repeat, f["detail"], f["warned"], None)
+            if "rule" in fields:
+                made.rule = fields["rule"]  # what an exception does to a repeat in place
+            return made
+
+        base: dict[str, Any] = {
+            "what": "pass",
+            "stage": "RCPT",
+            "addr": "64.71.1.10",
+            "helo": "ukiah.firemountain.net",
+            "sender": plain,
+            "rcpt": "<p@example.org>",
+            "detail": "",
+            "warned": None,
+        }
+        variants: list[dict[str, Any]] = [  # each changes one field the line shows
+            {"what": "warn"},
+            {"stage": "MAIL"},
+            {"addr": "64.71.1.11"},
+            {"helo": "ukiah.firemountain.net\x00"},
+            {"sender": hostile},
+            {"rcpt": "<q\x7f@example.org>"},
+            {"detail": "accepted; rules in warn mode failed"},
+            {"warned": ["generic"]},
+            {"rule": "fcrdns"},
+        ]
+        for variant in variants:
+            repeat.texts.clear()
+            kept = str(make_line())
+            assert repeat.texts and str(make_line()) == kept
+            other = make_line(**variant)
+            assert str(other) == other._text(other._ptr_name(repeat)) != kept, variant
     finally:
         rt.resolver.close()
 
