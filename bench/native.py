@@ -228,18 +228,8 @@ def run() -> str:
     sessions: Counter[tuple[str, int]] = Counter()
     with DNSServer(TESTS / "zones") as dns:
         protocol.serve_clients(dns, 200)
-        noop = protocol.build_noop(work)
-        filters: list[tuple[str, list[str], Path]] = [
-            ("no-op C (libmilter)", [str(noop), f"unix:{work}/c.sock"], work / "c.sock"),
-            (
-                "no-op pymilter",
-                [
-                    sys.executable,
-                    str(protocol.HERE / "baseline" / "noop_pymilter.py"),
-                    f"unix:{work}/py.sock",
-                ],
-                work / "py.sock",
-            ),
+        filters: list[protocol.Spec] = [
+            *protocol.noop_filters(work),
             ("heloguard", *protocol.heloguard(work, dns, "hg")),
         ]
         argv, sock = protocol.heloguard(work, dns, "hg-nomacros")

@@ -52,24 +52,13 @@ def run() -> str:
     own = os.sched_getaffinity(0)
     with DNSServer(TESTS / "zones") as dns:
         protocol.serve_clients(dns, 200)
-        noop = protocol.build_noop(work)
         hg_argv, hg_sock = protocol.heloguard(work, dns, "loud")
         quiet_argv, quiet_sock = protocol.heloguard(
             work, dns, "quiet", '[log]\nlevel = "warning"\n'
         )
         pin = ["taskset", "-c", "1"]
         specs = [
-            ("no-op C (libmilter)", [*pin, str(noop), f"unix:{work}/c.sock"], work / "c.sock"),
-            (
-                "no-op pymilter",
-                [
-                    *pin,
-                    sys.executable,
-                    str(protocol.HERE / "baseline" / "noop_pymilter.py"),
-                    f"unix:{work}/py.sock",
-                ],
-                work / "py.sock",
-            ),
+            *((label, [*pin, *argv], sock) for label, argv, sock in protocol.noop_filters(work)),
             ("heloguard", [*pin, *hg_argv], hg_sock),
             (QUIET, [*pin, *quiet_argv], quiet_sock),
         ]

@@ -140,6 +140,19 @@ def build_noop(work: Path) -> Path:
     return out
 
 
+Spec = tuple[str, list[str], Path]  # a filter to start: its label, argv and socket
+
+
+def noop_filters(work: Path) -> list[Spec]:
+    """The floor of the stack: the no-op C filter (built here) and the no-op pymilter."""
+    noop = build_noop(work)
+    pymilter = [sys.executable, str(HERE / "baseline" / "noop_pymilter.py")]
+    return [
+        ("no-op C (libmilter)", [str(noop), f"unix:{work}/c.sock"], work / "c.sock"),
+        ("no-op pymilter", [*pymilter, f"unix:{work}/py.sock"], work / "py.sock"),
+    ]
+
+
 def _wait_socket(path: Path, proc: subprocess.Popen[bytes], what: str) -> None:
     deadline = time.monotonic() + 30
     while not path.exists():
@@ -393,31 +406,14 @@ def run() -> str:
     clients = 200 + 200 + 10 + FILL
     with DNSServer(TESTS / "zones") as dns:
         serve_clients(dns, clients)
-        noop = build_noop(work)
         warm_cases = [case(i) for i in range(200)]
         hg_argv, hg_sock = heloguard(work, dns, "warm")
         fresh_argv, fresh_sock = heloguard(work, dns, "fresh", "reuse_decisions = 0")
         with contextlib.ExitStack() as stack:
             filters = [
-                stack.enter_context(
-                    running(
-                        "no-op C (libmilter)",
-                        [str(noop), f"unix:{work}/c.sock"],
-                        work / "c.sock",
-                        work / "c.log",
-                    )
-                ),
-                stack.enter_context(
-                    running(
-                        "no-op pymilter",
-                        [
-                            sys.executable,
-                            str(HERE / "baseline" / "noop_pymilter.py"),
-                            f"unix:{work}/py.sock",
-                        ],
-                        work / "py.sock",
-                        work / "py.log",
-                    )
+                *(
+                    stack.enter_context(running(label, argv, sock, work / f"{sock.stem}.log"))
+                    for label, argv, sock in noop_filters(work)
                 ),
                 stack.enter_context(running("heloguard", hg_argv, hg_sock, work / "warm.log")),
                 stack.enter_context(

@@ -221,19 +221,9 @@ def run() -> str:
     errors = 0
     with DNSServer(TESTS / "zones") as dns:
         protocol.serve_clients(dns, 200)
-        noop = protocol.build_noop(work)
         hg_argv, hg_sock = protocol.heloguard(work, dns, "hg")
-        filters: list[tuple[str, list[str], Path]] = [
-            ("no-op C (libmilter)", [str(noop), f"unix:{work}/c.sock"], work / "c.sock"),
-            (
-                "no-op pymilter",
-                [
-                    sys.executable,
-                    str(protocol.HERE / "baseline" / "noop_pymilter.py"),
-                    f"unix:{work}/py.sock",
-                ],
-                work / "py.sock",
-            ),
+        filters: list[protocol.Spec] = [
+            *protocol.noop_filters(work),
             ("heloguard", hg_argv, hg_sock),
             (GREY, *protocol.heloguard(work, dns, "grey", GREY_CONFIG.format(work=work))),
         ]
