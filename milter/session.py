@@ -650,17 +650,12 @@ class DecisionLine:
         if decision is None or self.ptr_query is None:
             return "unknown"
         texts = decision.texts if decision.reused else None
-        if texts is not None and (known := texts.get((self.ptr_query,))) is not None:
-            return known
-        name = "unknown"
-        verified = decision.facts("verified")
-        ptr = decision.answers.get(self.ptr_query)
-        if verified:
-            name = str(verified[0])
-        elif ptr is not None and ptr.ok and ptr.records:
-            name = ptr.records[0]
-        if texts is not None:
-            texts[(self.ptr_query,)] = name
+        if texts is None:
+            return _name_in(decision, self.ptr_query)
+        key = (self.ptr_query,)  # beside the line texts, which are longer keys
+        name = texts.get(key)
+        if name is None:
+            name = texts[key] = _name_in(decision, self.ptr_query)
         return name
 
     def __str__(self) -> str:
@@ -720,6 +715,17 @@ class DecisionLine:
                 f"dns={decision.dns_sent}/{decision.dns_queries} ms={decision.elapsed * 1000:.0f}"
             )
         return " ".join(parts)
+
+
+def _name_in(decision: Decision, ptr_query: Query) -> str:
+    """The client's name as ``decision`` knew it: verified, else the first PTR record."""
+    verified = decision.facts("verified")
+    if verified:
+        return str(verified[0])
+    ptr = decision.answers.get(ptr_query)
+    if ptr is not None and ptr.ok and ptr.records:
+        return ptr.records[0]
+    return "unknown"
 
 
 def _unfielded(reply: str) -> str:
