@@ -235,14 +235,18 @@ def _chunks(items: Iterable[tuple[int, str]], size: int) -> Iterator[list[tuple[
 
 def cmd_replay(args: argparse.Namespace, engine: Engine) -> int:
     """``heloguard check --replay FILE``: re-evaluate records from their own DNS answers."""
-    from heloguard.records import ReplayError, answers_of, parse, phases_of
+    from heloguard.records import RecordCutShort, ReplayError, answers_of, parse, phases_of
 
     path = Path(args.replay)
-    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    lines = [
+        (number, line)
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+        if line.strip()
+    ]
     if not lines:
         raise UsageError(f"{path}: no record")
-    code, differ = 0, 0
-    for number, line in enumerate(lines, 1):
+    code, differ, cut = 0, 0, 0
+    for number, line in lines:
         try:
             rec = parse(line)
             inp = CheckInput(
@@ -254,6 +258,11 @@ def cmd_replay(args: argparse.Namespace, engine: Engine) -> int:
             )
             dns = RecordedDns(answers_of(rec))
             phases = phases_of(rec)
+        except RecordCutShort as exc:
+            # a daemon stopped mid-write (kill -9): the rest is still worth replaying
+            print(f"heloguard: warning: {path}:{number}: {exc}, skipped", file=sys.stderr)
+            cut += 1
+            continue
         except (ReplayError, KeyError, TypeError) as exc:
             raise UsageError(f"{path}:{number}: {exc}") from None
         decision = asyncio.run(
@@ -276,6 +285,8 @@ def cmd_replay(args: argparse.Namespace, engine: Engine) -> int:
             verdict = "identical to the record" if same else f"DIFFERS from the record: {then}"
             print(f"replay:  {verdict}")
         code = EXIT_FOR_VERDICT[decision.verdict]
+    if cut == len(lines):
+        raise UsageError(f"{path}: no whole record")
     return 1 if differ else code
 
 

@@ -11,6 +11,11 @@ live, shows what changed if DNS did.
 
 Records hold attacker-controlled text (HELO, PTR names); JSON escapes
 control characters, and query keys of DNS lists are redacted.
+
+A daemon killed mid-write (kill -9, power loss) can leave its last record
+cut short.  The writer, opening the file again, ends that line first, so the
+next record starts whole; the replay skips a cut-short record with a warning
+and replays the rest.
 """
 
 from __future__ import annotations
@@ -76,8 +81,16 @@ class RecordWriter:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
+        cut_short = _ends_mid_line(self.path)
         self._fh = self.path.open("a", encoding="utf-8", buffering=1)
         self.failed: OSError | None = None
+        if cut_short:
+            self._fh.write("\n")
+            log.warning(
+                "decision records: %s ended in a record cut short (the daemon stopped"
+                " mid-write); the line is ended and kept, the replay skips it",
+                self.path,
+            )
 
     def write(self, rec: dict[str, Any]) -> None:
         """Append one record (a whole line, never interleaved)."""
@@ -117,8 +130,35 @@ class RecordsUnwritable(OSError):
     """The decision records cannot be written (raised in the callback)."""
 
 
+def _ends_mid_line(path: Path) -> bool:
+    """Whether *path* holds text whose last line has no newline."""
+    try:
+        with path.open("rb") as fh:
+            if fh.seek(0, 2) == 0:
+                return False
+            fh.seek(-1, 2)
+            return fh.read(1) != b"\n"
+    except FileNotFoundError:
+        return False
+
+
 class ReplayError(ValueError):
     """A record that cannot be replayed."""
+
+
+class RecordCutShort(ReplayError):
+    """A record whose line ends before its JSON does: the writer was stopped mid-write."""
+
+
+def _cut_short(line: str, exc: json.JSONDecodeError) -> bool:
+    """Whether *line* is a JSON object that ran out of text (not other garbage).
+
+    Cut anywhere, a record fails either inside an unterminated string or
+    within a few characters of the end (``tru``, ``\\u00``).
+    """
+    return line.startswith("{") and (
+        exc.msg.startswith("Unterminated string") or exc.pos >= len(line) - 6
+    )
 
 
 def parse(line: str) -> dict[str, Any]:
@@ -126,6 +166,8 @@ def parse(line: str) -> dict[str, Any]:
     try:
         rec = json.loads(line)
     except json.JSONDecodeError as exc:
+        if _cut_short(line, exc):
+            raise RecordCutShort(f"record cut short after {len(line)} characters") from None
         raise ReplayError(f"not a JSON record: {exc}") from None
     if not isinstance(rec, dict) or "input" not in rec or "answers" not in rec:
         raise ReplayError("not a heloguard decision record (no input or answers)")

@@ -292,9 +292,14 @@ def assert_replays(proc: MilterProcess) -> None:
     )
     if res.code == 78:
         return  # the test broke a file the config names, on purpose (a reload test)
-    lines = [line for line in records.read_text().splitlines() if line.strip()]
+    text = records.read_text()
+    lines = [line for line in text.splitlines() if line.strip()]
     replays = res.lines()
     assert res.code in (0, 4, 5), ("replay failed", res.code, res.stderr)
-    assert len(replays) == len(lines), ("replay skipped records", len(replays), len(lines))
+    # teardown kills with SIGKILL, which can cut the record being written short;
+    # only that one, the last line, may be skipped
+    cut = res.stderr.count("record cut short")
+    assert cut == 0 or (cut == 1 and not text.endswith("\n")), ("records cut short", res.stderr)
+    assert len(replays) + cut == len(lines), ("replay skipped records", len(replays), len(lines))
     for out in replays:
         assert out["replay"]["identical"], ("a recorded decision replays differently", out)

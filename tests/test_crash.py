@@ -97,7 +97,6 @@ def test_kill_9_under_load_then_restart(
     first_dir.mkdir()
     second_dir.mkdir()
     m = start_milter(config, workdir=first_dir)
-    m.replayable = False  # killed mid-write: its last decision record may be cut short
     settings = {**contrib_settings(f"unix:{shared_dir / 'heloguard.sock'}")}
     try:
         pf = PrivatePostfix(None, extra_main_cf=settings).start()

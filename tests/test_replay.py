@@ -111,3 +111,55 @@ def test_replay_rejects_garbage(tmp_path: Path) -> None:
     bad.write_text("not json\n")
     res = run_cli("check", "--replay", str(bad))
     assert res.code == 64 and "not a JSON record" in res.stderr
+
+
+def test_a_record_cut_short_is_skipped_and_the_rest_replayed(
+    start_milter: Any, tmp_path: Path
+) -> None:
+    """kill -9 mid-write leaves the last record cut short: the replay warns and goes on,
+    and every cut point of a real record (escapes included) reads as cut short, not garbage."""
+    from heloguard.records import RecordCutShort, parse
+
+    records = tmp_path / "decisions.jsonl"
+    m = start_milter({"log": {"decisions": str(records)}})
+    run_session(m.socket, ip="64.71.1.10", helo="ukiah.firemountain.net")
+    run_session(m.socket, ip="64.71.1.10", helo="b\u00fccher\x01.hostile.test")
+    m.log()
+    lines = records.read_text().splitlines()
+    whole, hostile = lines[0], lines[-1]
+    assert "\\u00fc" in hostile and "\\u0001" in hostile, hostile
+    for cut in range(1, len(hostile)):
+        with pytest.raises(RecordCutShort):
+            parse(hostile[:cut])
+    torn = tmp_path / "torn.jsonl"
+    torn.write_text(f"{hostile[:1805]}\n{whole}\n{hostile[:-9]}")
+    res = run_cli("check", "--json", "--replay", str(torn))
+    assert res.code == 0, res.stderr
+    assert [r["replay"]["line"] for r in res.lines()] == [2]
+    assert f"{torn}:1: record cut short after 1805 characters, skipped" in res.stderr
+    assert f"{torn}:3: record cut short after {len(hostile) - 9} characters" in res.stderr
+    torn.write_text(whole[:100])
+    res = run_cli("check", "--replay", str(torn))
+    assert res.code == 64 and "no whole record" in res.stderr
+
+
+def test_the_writer_ends_a_line_cut_short_before_the_next_record(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from heloguard.records import RecordWriter
+
+    path = tmp_path / "decisions.jsonl"
+    path.write_text('{"verdict":"accept"}\n{"verdict":"rej')
+    with caplog.at_level("WARNING", logger="heloguard"):
+        writer = RecordWriter(path)
+    writer.write({"verdict": "accept", "input": {}})
+    writer.close()
+    assert path.read_text().splitlines() == [
+        '{"verdict":"accept"}',
+        '{"verdict":"rej',
+        '{"verdict":"accept","input":{}}',
+    ]
+    assert "cut short" in caplog.text
+    path.write_text('{"verdict":"accept"}\n')
+    RecordWriter(path).close()
+    assert path.read_text() == '{"verdict":"accept"}\n', "a whole file is left as it is"
