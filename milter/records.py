@@ -12,10 +12,11 @@ live, shows what changed if DNS did.
 Records hold attacker-controlled text (HELO, PTR names); JSON escapes
 control characters, and query keys of DNS lists are redacted.
 
-A daemon killed mid-write (kill -9, power loss) can leave its last record
-cut short.  The writer, opening the file again, ends that line first, so the
-next record starts whole; the replay skips a cut-short record with a warning
-and replays the rest.
+A daemon killed mid-write (kill -9, power loss) or a disk that fills up
+mid-line can leave a record cut short.  The writer ends that line before the
+next record (at its next write after a failed one, or on opening the file
+again), so the next record starts whole; the replay skips a cut-short
+record with a warning and replays the rest.
 """
 
 from __future__ import annotations
@@ -81,24 +82,26 @@ class RecordWriter:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        cut_short = _ends_mid_line(self.path)
-        self._fh = self.path.open("a", encoding="utf-8", buffering=1)
-        self.failed: OSError | None = None
-        if cut_short:
-            self._fh.write("\n")
+        # written before the next record: ends a line a stopped daemon left cut short
+        self._unended = "\n" if _ends_mid_line(self.path) else ""
+        if self._unended:
             log.warning(
-                "decision records: %s ended in a record cut short (the daemon stopped"
+                "decision records: %s ends in a record cut short (the daemon stopped"
                 " mid-write); the line is ended and kept, the replay skips it",
                 self.path,
             )
+        self._fh = self.path.open("a", encoding="utf-8", buffering=1)
+        self.failed: OSError | None = None
 
     def write(self, rec: dict[str, Any]) -> None:
         """Append one record (a whole line, never interleaved)."""
         line = dumps(rec) + "\n"
         with self._lock:
             try:
-                self._fh.write(line)
+                self._fh.write(self._unended + line)
+                self._unended = ""
             except OSError as exc:
+                self._unended = "\n"  # part of the line may be in the file
                 first, self.failed = self.failed is None, exc  # set before anyone reads the log
                 if first:
                     log.error(  # noqa: TRY400 - the reason is the whole story

@@ -9,9 +9,10 @@ and reply.
 
 from __future__ import annotations
 
+import errno
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from miltertest import run_session
@@ -146,7 +147,7 @@ def test_a_record_cut_short_is_skipped_and_the_rest_replayed(
 def test_the_writer_ends_a_line_cut_short_before_the_next_record(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from heloguard.records import RecordWriter
+    from heloguard.records import RecordsUnwritable, RecordWriter
 
     path = tmp_path / "decisions.jsonl"
     path.write_text('{"verdict":"accept"}\n{"verdict":"rej')
@@ -160,6 +161,29 @@ def test_the_writer_ends_a_line_cut_short_before_the_next_record(
         '{"verdict":"accept","input":{}}',
     ]
     assert "cut short" in caplog.text
+
+    class HalfFull:  # a disk that fills up in the middle of a line
+        def __init__(self, fh: Any) -> None:
+            self.fh = fh
+
+        def write(self, text: str) -> int:
+            self.fh.write(text[: len(text) // 2])
+            self.fh.flush()
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    writer = RecordWriter(path)
+    real, writer._fh = writer._fh, cast(Any, HalfFull(writer._fh))
+    writer.write({"verdict": "reject", "input": {}})
+    with pytest.raises(RecordsUnwritable):
+        writer.check()
+    writer._fh = real
+    writer.write({"verdict": "tempfail", "input": {}})
+    writer.close()
+    writer.check()  # written again: no longer failed
+    assert path.read_text().splitlines()[-2:] == [
+        '{"verdict":"reje',  # the first half of the line the disk took
+        '{"verdict":"tempfail","input":{}}',
+    ], "the record after a failed write starts on a line of its own"
     path.write_text('{"verdict":"accept"}\n')
     RecordWriter(path).close()
     assert path.read_text() == '{"verdict":"accept"}\n', "a whole file is left as it is"
