@@ -28,6 +28,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
+from heloguard import cpus
 from heloguard.resolver import ResolverSettings, parse_nameserver
 from heloguard.rules import REGISTRY
 
@@ -167,9 +168,10 @@ class MilterConfig:
     group: str = ""
     socket_mode: str = "0660"  # unix socket permissions
     timeout: Duration = Duration(600.0)  # libmilter's I/O timeout with the MTA
+    cpus: str = "one"  # "one", "all" or a CPU list such as "2" or "0-3" (heloguard.cpus)
 
     def validate(self) -> None:
-        """Socket syntax, networks and mode."""
+        """Socket syntax, networks, mode and CPU list."""
         if not _SOCKET.match(self.socket):
             raise ValueError(f"socket {self.socket!r}: expected unix:/path or inet:PORT@HOST")
         for net in self.trusted_networks:
@@ -189,6 +191,7 @@ class MilterConfig:
                 raise ValueError(f"group {self.group!r} does not exist") from None
         if not re.fullmatch(r"0?[0-7]{3}", self.socket_mode):
             raise ValueError(f'socket_mode {self.socket_mode!r}: expected octal such as "0660"')
+        cpus.validate(self.cpus)
 
     @property
     def mode_bits(self) -> int:

@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 import milter
 
-from heloguard import logsink
+from heloguard import cpus, logsink
 from heloguard.config import DEFAULT_PATH, Config, ConfigError, GreylistConfig, LogConfig, load
 from heloguard.greylist import Greylist, StoreError, admin_key
 from heloguard.logfmt import printable
@@ -336,7 +336,13 @@ def serve(args: argparse.Namespace) -> int:
     # before any thread starts (the log writer is the first): only libmilter's
     # signal thread may take SIGTERM
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    # before any thread starts too: every thread inherits the CPUs (heloguard.cpus)
+    try:
+        placed = cpus.pin(config.milter.cpus)
+    except ValueError as exc:
+        raise ConfigError("milter", str(exc), str(config_path or "")) from None
     setup_logging(config.log)
+    log.info("running %s", placed)
     metrics = None
     if config.metrics.listen:
         from heloguard.metrics import Metrics

@@ -116,7 +116,8 @@ DECISION = re.compile(
     r"from [!-~]+\[[0-9a-f.:]+\]: [\x20-\x7e]*\Z"
 )
 STATUS = re.compile(
-    r"^(running as root: .*|heloguard \S+ listening on \S+|misconfiguration \(rule \w+\): .*)\Z"
+    r"^(running as root: .*|heloguard \S+ listening on \S+|misconfiguration \(rule \w+\): .*"
+    r'|running on CPUs? [\d,-]+( of [\d,-]+)? \(cpus = "[\w,-]+"\))\Z'
 )
 # pymilter's report of a HELO that is not UTF-8, written through heloguard's log
 PYMILTER_DECODE = re.compile(
