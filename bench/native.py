@@ -8,7 +8,8 @@ GIL and the kernel.  Here each filter runs under ``perf record`` (``cpu-clock``
 samples on every thread, with kernel call chains), switched on for the
 measured sessions only (``-D -1 --control``, as ``bench/syscalls.py`` does):
 the warm set of ``bench/protocol.py`` at concurrency 8 and 256, the load
-generator on the same two cores.  Each sample is put in one place by the
+generator on the same two cores, and heloguard on both CPUs like the no-op
+filters (``[milter] cpus = "all"``; its default is one).  Each sample is put in one place by the
 code it was taken in:
 
 - in the kernel: by the system call it is under (``futex`` is lock
@@ -230,9 +231,10 @@ def run() -> str:
         protocol.serve_clients(dns, 200)
         filters: list[protocol.Spec] = [
             *protocol.noop_filters(work),
-            ("heloguard", *protocol.heloguard(work, dns, "hg")),
+            # on both CPUs, like the no-op filters beside it
+            ("heloguard", *protocol.heloguard(work, dns, "hg", milter=protocol.ALL_CPUS)),
         ]
-        argv, sock = protocol.heloguard(work, dns, "hg-nomacros")
+        argv, sock = protocol.heloguard(work, dns, "hg-nomacros", milter=protocol.ALL_CPUS)
         asks_none = [sys.executable, str(protocol.HERE / "baseline" / "heloguard_no_macros.py")]
         filters.append((NO_MACROS, [*asks_none, *argv[argv.index("serve") :]], sock))
         record = ["record", "-e", "cpu-clock", "-F", str(FREQ), "-g", "-q"]

@@ -5,8 +5,8 @@ cores, so at 256 connections every filter, the C one included, loses about the
 same share of its rate, and that share says more about the generator than about
 the filter.  Here the filter is pinned to one core (``taskset -c 1``) and the
 generator to the other, so a filter's rate is what one core lets it do.  The
-warm set of ``bench/protocol.py``, measured by its ``warm_rows`` (its rounds,
-the filters in alternating order) at concurrency 8, 64 and 256.  heloguard runs twice: with a
+warm set of ``bench/protocol.py``, measured by its ``throughput_rows`` (each
+filter at concurrency 8, 64 and 256 back to back, round after round).  heloguard runs twice: with a
 decision line per session (the default) and with ``[log] level = "warning"``
 (no decision lines), which tells what the log writer's thread costs the
 libmilter threads when they share one core with it.
@@ -26,11 +26,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import protocol
-from common import TESTS
+from common import TESTS, median
 
 from dnsserver import DNSServer
 
-CONCURRENCY = (8, 64, 256)
 QUIET = "heloguard, no decision lines"
 
 
@@ -41,8 +40,9 @@ def run() -> str:
         "",
         "The filter pinned to core 1, the load generator to core 0; otherwise as",
         "the warm table of `bench/protocol.py` (200 clients, every answer cached).",
-        f"{protocol.ROUNDS} rounds, interleaved; sessions per second, median (range), and the",
-        "filter's CPU per session (`/proc` times).",
+        f"{protocol.THROUGHPUT_ROUNDS} rounds, each filter's cells at 8, 64 and 256 back to back"
+        " (`protocol.throughput_rows`);",
+        "sessions per second, median (range), and the filter's CPU per session (`/proc` times).",
         "",
     ]
     if len(os.sched_getaffinity(0)) < 2 or shutil.which("taskset") is None:
@@ -71,39 +71,21 @@ def run() -> str:
                     )
                     for label, argv, sock in specs
                 ]
-                rows = {
-                    (r.label, r.concurrency): r
-                    for r in protocol.warm_rows(filters, cases, CONCURRENCY)
-                }
+                measured = protocol.throughput_rows(filters, cases)
         finally:
             os.sched_setaffinity(0, own)
     shutil.rmtree(work, ignore_errors=True)
-    labels = [label for label, _, _ in specs]
+    kept = {label: protocol.kept_at_top(measured, label) for label, _, _ in specs}
+    shares = "; ".join(f"{label} {median(k):.2f}" for label, k in kept.items())
     lines = [
         *head,
-        "| concurrency | filter | sessions/s, median (range) | CPU per session, median | errors |",
-        "|---|---|---|---|---|",
-    ]
-    for conc in CONCURRENCY:
-        for label in labels:
-            row = rows[(label, conc)]
-            errors = sum(row.result.errors.values())
-            lines.append(
-                f"| {conc} | {label} | {row.rate:,.0f} "
-                f"({min(row.rates):,.0f}-{max(row.rates):,.0f}) | {row.cpu_us:.0f} us | {errors} |"
-            )
-    lines.append("")
-    kept = []
-    for label in labels:
-        best = max(rows[(label, c)].rate for c in CONCURRENCY[:-1])
-        at = rows[(label, CONCURRENCY[-1])].rate
-        kept.append(f"{label} {at / best:.2f}")
-    lines.append(
-        "- Rate at 256 as a share of the best at 8 or 64: " + "; ".join(kept) + ".  "
+        *protocol.throughput_table(measured),
+        "",
+        f"- Rate at 256 over the best at 8 or 64, median of the rounds: {shares}.  "
         "The two heloguard rows differ only in the decision line each session "
         "queues for the log writer's thread, which formats and writes them on the "
-        "same core as libmilter's threads."
-    )
+        "same core as libmilter's threads.",
+    ]
     return "\n".join(lines)
 
 

@@ -28,6 +28,7 @@ import pinned
 import postfix_e2e
 import protocol
 import syscalls
+import waits
 import whatif_rate
 from common import ROOT, machine
 
@@ -37,6 +38,7 @@ SECTIONS = [
     syscalls,
     native,
     pinned,
+    waits,
     postfix_e2e,
     cold_chain,
     generic_names,
