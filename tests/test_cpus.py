@@ -82,6 +82,17 @@ def test_format(cpu_set: set[int], text: str) -> None:
     assert cpus.parse_list(text) == cpu_set
 
 
+def test_a_refused_affinity(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(pid: int, mask: object) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "sched_setaffinity", refuse)
+    assert "but the system refused" in cpus.pin("one")  # the default starts anyway
+    with pytest.raises(ValueError, match="cannot run on CPU 0"):
+        cpus.pin("0")
+    assert cpus.pin("all").startswith("on CPUs ")  # asks nothing of the system
+
+
 def test_config_names_the_key(tmp_path: Path) -> None:
     path = write_toml(tmp_path / "h.toml", {"milter": {"cpus": "1-0"}})
     with pytest.raises(ConfigError, match=r"milter: cpus '1-0': range 1-0 runs backwards"):
