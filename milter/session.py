@@ -37,7 +37,6 @@ with every attacker-controlled string escaped.
 from __future__ import annotations
 
 import concurrent.futures
-import copy
 import logging
 import threading
 import time
@@ -156,12 +155,13 @@ class DecisionCache:
         self.hits = 0
 
     def get(self, key: tuple[object, ...]) -> Decision | None:
-        """A copy of a cached decision, or None.  No lock: ``dict.get`` is atomic."""
+        """The cached decision's repeat (``Decision.reuse``, shared by every repeat:
+        read-only), or None.  No lock: ``dict.get`` is atomic."""
         found = self._cache.get(key)
         if found is None or found[1] <= self._clock():
             return None
         self.hits += 1  # a statistic: a lost increment under a race does no harm
-        return found[0].reuse()
+        return found[0]
 
     def put(self, key: tuple[object, ...], decision: Decision) -> None:
         """Keep a settled decision for the smallest TTL it rests on."""
@@ -173,7 +173,7 @@ class DecisionCache:
         age = min([self.max_age, *ttls])
         if age <= 0:
             return
-        entry = (copy.copy(decision), self._clock() + age)
+        entry = (decision.reuse(), self._clock() + age)
         with self._lock:
             cache = self._cache
             cache.pop(key, None)  # a refreshed entry goes to the young end

@@ -191,6 +191,21 @@ def test_cache_lives_no_longer_than_the_smallest_ttl() -> None:
     assert cache.get(("t",)) is None, "a decision that saw a TEMP answer is not kept"
 
 
+def test_every_repeat_gets_one_read_only_copy_apart_from_the_original() -> None:
+    cache = DecisionCache(clock=lambda: 100.0)
+    d = Decision(
+        Verdict.ACCEPT, Stage.HELO, None, None, from_mapping({}).policy.mode, Verdict.ACCEPT, None
+    )
+    d.elapsed = 0.25
+    cache.put(("k",), d)
+    first, again = cache.get(("k",)), cache.get(("k",))
+    assert first is again and first is not d, "one copy, made when it was kept"
+    assert first is not None and first.reused and first.elapsed == 0.0 and first.texts == {}
+    d.verdict, d.texts = Verdict.REJECT, {("line",): "x"}  # the first session goes on with d
+    assert first.verdict is Verdict.ACCEPT and first.texts == {}
+    assert cache.hits == 2
+
+
 def test_pool_sender_retry_from_another_address_passes(
     dns_server: DNSServer, tmp_path: Path
 ) -> None:
