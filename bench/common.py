@@ -130,3 +130,27 @@ def synthetic_triplet(i: int, now: int) -> tuple[object, ...]:
         now - 60 if i % 3 else None,
         2,
     )
+
+
+def cell_table(
+    corner: str,
+    rows: list[str],
+    cells: list[tuple[str, int]],
+    per: dict[tuple[str, int], dict[str, float]],
+    digits: int,
+    hide_below: float | None = None,
+) -> list[str]:
+    """Markdown: a figure per row and per (filter, concurrency) cell, then the cells'
+    totals in bold; a row under ``hide_below`` in every cell is left out."""
+    lines = [
+        f"| {corner} | " + " | ".join(f"{label} at {conc}" for label, conc in cells) + " |",
+        "|---|" + "---|" * len(cells),
+    ]
+    for row in rows:
+        if hide_below is not None and all(per[k].get(row, 0.0) < hide_below for k in cells):
+            continue
+        figures = " | ".join(f"{per[k].get(row, 0.0):.{digits}f}" for k in cells)
+        lines.append(f"| {row} | {figures} |")
+    totals = " | ".join(f"**{sum(per[k].values()):.{digits}f}**" for k in cells)
+    lines.append(f"| **all** | {totals} |")
+    return lines

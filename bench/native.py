@@ -48,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import loadgen
 import protocol
 import syscalls
-from common import TESTS
+from common import TESTS, cell_table
 
 from dnsserver import DNSServer
 
@@ -147,7 +147,7 @@ def place(frames: list[tuple[str, str]]) -> str:
     return OTHER
 
 
-def _frame(line: str) -> tuple[str, str]:
+def frame(line: str) -> tuple[str, str]:
     """``(symbol, library)`` of a ``perf script`` call-chain line."""
     text = line.strip()
     lib = ""
@@ -171,7 +171,7 @@ def profile(script: str) -> Counter[str]:
             period = int(head[0])
         except (IndexError, ValueError):
             continue
-        out[place([_frame(line) for line in lines[1:]])] += period
+        out[place([frame(line) for line in lines[1:]])] += period
     return out
 
 
@@ -249,20 +249,7 @@ def run() -> str:
     shutil.rmtree(work, ignore_errors=True)
     cells = [(label, conc) for conc in CONCURRENCY for label, _, _ in filters]
     per = {k: {p: ns / 1000 / max(sessions[k], 1) for p, ns in totals[k].items()} for k in cells}
-    lines = [
-        *head,
-        "| where | " + " | ".join(f"{label} at {conc}" for label, conc in cells) + " |",
-        "|---|" + "---|" * len(cells),
-    ]
-    for row in ROWS:
-        if not any(per[k].get(row, 0.0) >= 0.05 for k in cells):
-            continue
-        lines.append(
-            f"| {row} | " + " | ".join(f"{per[k].get(row, 0.0):.1f}" for k in cells) + " |"
-        )
-    lines.append(
-        "| **all** | " + " | ".join(f"**{sum(per[k].values()):.1f}**" for k in cells) + " |"
-    )
+    lines = [*head, *cell_table("where", ROWS, cells, per, digits=1, hide_below=0.05)]
     lines.append("")
     lines.extend(_reading(per))
     return "\n".join(lines)

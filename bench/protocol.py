@@ -51,6 +51,8 @@ import loadgen
 from common import ROOT, TESTS, median
 from loadgen import Case
 
+from heloguard import cpus
+
 from dnsserver import DNSServer
 
 HERE = Path(__file__).resolve().parent
@@ -162,11 +164,11 @@ def noop_filters(work: Path) -> list[Spec]:
 
 
 def noop_pymilter_one_cpu(work: Path) -> Spec:
-    """The no-op pymilter on one CPU, where heloguard's default ``[milter] cpus = "one"``
-    puts heloguard: the highest-numbered CPU this process may use (``taskset``)."""
-    cpu = str(max(os.sched_getaffinity(0)))
+    """The no-op pymilter on the CPU where heloguard's default ``[milter] cpus = "one"``
+    puts heloguard (``taskset``)."""
+    one = cpus.choose(cpus.ONE, frozenset(os.sched_getaffinity(0))) or frozenset()
     argv = [sys.executable, str(HERE / "baseline" / "noop_pymilter.py"), f"unix:{work}/py1.sock"]
-    return (NOOP_PY_ONE, ["taskset", "-c", cpu, *argv], work / "py1.sock")
+    return (NOOP_PY_ONE, ["taskset", "-c", cpus.format_list(one), *argv], work / "py1.sock")
 
 
 def _wait_socket(path: Path, proc: subprocess.Popen[bytes], what: str) -> None:
@@ -278,17 +280,7 @@ def warm_rows(
     """Every filter at each ``concurrency``, ``ROUNDS`` times, interleaved: within a round
     the filters run back to back at one concurrency, in alternating order, so a drift
     of the shared machine hits all alike."""
-    for f in filters:  # warm up: Python, libmilter's threads, heloguard's caches
-        loadgen.run(f.socket, cases, concurrency=16, sessions=len(cases) * 2, pid=f.pid)
-    rows = {(f.label, c): Row(f.label, c, []) for c in concurrency for f in filters}
-    for n in range(ROUNDS):
-        for conc in concurrency:
-            for f in filters if n % 2 == 0 else filters[::-1]:
-                r = loadgen.run(
-                    f.socket, cases, concurrency=conc, sessions=sessions_for(conc), pid=f.pid
-                )
-                rows[(f.label, conc)].results.append(r)
-    return list(rows.values())
+    return _rounds(filters, cases, concurrency, ROUNDS, cell=1, filter_first=False)
 
 
 THROUGHPUT_ROUNDS = 9
@@ -306,16 +298,36 @@ def throughput_rows(
     256 against its best at lower concurrency is then taken within one round,
     seconds apart: the shared machine's speed drifts by a third between rounds
     (seen here), which the medians of cells run minutes apart carried into the ratio."""
-    for f in filters:
-        loadgen.run(f.socket, cases, concurrency=16, sessions=len(cases) * 2, pid=f.pid)
     conc = THROUGHPUT_CONCURRENCY
-    rows = {(f.label, c): Row(f.label, c, []) for f in filters for c in conc}
+    return _rounds(filters, cases, conc, rounds, cell=THROUGHPUT_CELL, filter_first=True)
+
+
+def _rounds(
+    filters: list[Filter],
+    cases: list[Case],
+    concurrency: tuple[int, ...],
+    rounds: int,
+    cell: int,
+    filter_first: bool,
+) -> list[Row]:
+    """A warm-up, then ``rounds`` rounds of every (filter, concurrency) cell of
+    ``cell`` times ``sessions_for`` sessions; the filters in alternating order, and
+    with ``filter_first`` each filter's cells back to back (their order alternating)."""
+    for f in filters:  # warm up: Python, libmilter's threads, heloguard's caches
+        loadgen.run(f.socket, cases, concurrency=16, sessions=len(cases) * 2, pid=f.pid)
+    rows = {(f.label, c): Row(f.label, c, []) for c in concurrency for f in filters}
     for n in range(rounds):
-        for f in filters if n % 2 == 0 else filters[::-1]:
-            for c in conc if n % 2 == 0 else conc[::-1]:
-                n_sessions = sessions_for(c) * THROUGHPUT_CELL
-                r = loadgen.run(f.socket, cases, concurrency=c, sessions=n_sessions, pid=f.pid)
-                rows[(f.label, c)].results.append(r)
+        fs = filters if n % 2 == 0 else filters[::-1]
+        if filter_first:
+            cs = concurrency if n % 2 == 0 else concurrency[::-1]
+            order = [(f, c) for f in fs for c in cs]
+        else:
+            order = [(f, c) for c in concurrency for f in fs]
+        for f, c in order:
+            r = loadgen.run(
+                f.socket, cases, concurrency=c, sessions=sessions_for(c) * cell, pid=f.pid
+            )
+            rows[(f.label, c)].results.append(r)
     return list(rows.values())
 
 

@@ -44,8 +44,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import loadgen
 import protocol
-from common import TESTS
-from native import _frame, perf_usable
+from common import TESTS, cell_table
+from native import frame, perf_usable
 
 from dnsserver import DNSServer
 
@@ -101,7 +101,7 @@ def switches(script: str) -> Counter[str]:
         if not lines or "prev_state=" not in lines[0]:
             continue
         state = lines[0].split("prev_state=", 1)[1].split()[0]
-        out[place(state, [_frame(line) for line in lines[1:]])] += 1
+        out[place(state, [frame(line) for line in lines[1:]])] += 1
     return out
 
 
@@ -167,18 +167,7 @@ def run() -> str:
             os.sched_setaffinity(0, own)
     shutil.rmtree(work, ignore_errors=True)
     cells = [(label, conc) for conc in CONCURRENCY for label, _, _ in filters]
-    lines = [
-        *head,
-        "| why | " + " | ".join(f"{label} at {conc}" for label, conc in cells) + " |",
-        "|---|" + "---|" * len(cells),
-    ]
-    for row in ROWS:
-        lines.append(
-            f"| {row} | " + " | ".join(f"{per[k].get(row, 0.0):.2f}" for k in cells) + " |"
-        )
-    lines.append(
-        "| **all** | " + " | ".join(f"**{sum(per[k].values()):.2f}**" for k in cells) + " |"
-    )
+    lines = [*head, *cell_table("why", ROWS, cells, per, digits=2)]
     lines.append("")
     lines.extend(_reading(per))
     return "\n".join(lines)

@@ -164,7 +164,8 @@ class Decision:
     reused: bool = False  # taken from a recent identical decision: nothing was asked
     overdue: str = ""  # not finished in time (overload): why; deferred, rests on no facts
     # Text made from this decision's facts (its log lines), kept for its repeats:
-    # made on the first repeat and shared by all of them; a one-off has none.
+    # the repeat copy the decision cache keeps has it, shared by every repeat;
+    # a decision made afresh has none.
     texts: dict[tuple[object, ...], str] | None = None
 
     def reuse(self) -> Decision:
