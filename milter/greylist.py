@@ -390,13 +390,21 @@ class Backend(ABC):
 
 
 class SqliteBackend(Backend):
-    """SQLite in WAL mode: decisions committed in batches by one thread; reads per thread."""
+    """SQLite in WAL mode: decisions committed in batches by one thread; reads on
+    connections any thread may take."""
 
     name = "sqlite"
 
     def __init__(self, cfg: GreylistConfig) -> None:
         self.cfg = cfg
+        # The committer's (and the purger's) own connection.  Thread-local state
+        # is per Python thread state, and pymilter makes one of those for every
+        # milter connection, so a callback's reads never use it: they take a
+        # connection from ``_readers`` and give it back (a connection per
+        # session cost an open, three PRAGMAs and a schema check each time).
         self._local = threading.local()
+        self._readers: list[sqlite3.Connection] = []  # idle read connections, any thread's
+        self._readers_lock = threading.Lock()
         # Writers of this process queue here, in turn, rather than in SQLite's
         # busy handler, which sleeps in growing steps (up to 100 ms) and so lets
         # waiters time out while the lock is free; with hundreds of libmilter
@@ -594,11 +602,15 @@ class SqliteBackend(Backend):
                 self._writers.release()
 
     def _transaction(self, write: bool) -> Iterator[sqlite3.Connection]:
+        if write:
+            conn, drop = self._conn(), self._drop_conn
+        else:
+            conn = self._take_reader()
+            drop = conn.close  # a reader that failed is not given back
         try:
-            conn = self._conn()
             conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
         except sqlite3.Error as exc:
-            self._drop_conn()
+            drop()
             raise StoreError(str(exc)) from exc
         try:
             yield conn
@@ -607,15 +619,38 @@ class SqliteBackend(Backend):
             try:
                 conn.execute("ROLLBACK")
             except sqlite3.Error:
-                self._drop_conn()
+                drop()
+                raise StoreError(str(exc)) from exc
+            if not write:
+                self._give_reader(conn)
             raise StoreError(str(exc)) from exc
         except BaseException:
             conn.execute("ROLLBACK")
+            if not write:
+                self._give_reader(conn)
             raise
+        if not write:
+            self._give_reader(conn)
+
+    def _take_reader(self) -> sqlite3.Connection:
+        """An idle read connection, or a new one (raises StoreError)."""
+        with self._readers_lock:
+            if self._readers:
+                return self._readers.pop()
+        return self.connect()
+
+    def _give_reader(self, conn: sqlite3.Connection) -> None:
+        """Keep a reader for the next read, up to ``READERS_KEPT`` of them."""
+        with self._readers_lock:
+            if len(self._readers) < READERS_KEPT:
+                self._readers.append(conn)
+                return
+        with contextlib.suppress(sqlite3.Error):
+            conn.close()
 
     def close(self) -> None:
-        """Close this thread's connection, and stop the committer (a later decision
-        starts a new one)."""
+        """Close this thread's connection and the idle readers, and stop the
+        committer (a later decision starts a new one)."""
         with self._start_lock:
             committer, self._committer = self._committer, None
             if committer is not None and committer.is_alive():
@@ -623,6 +658,11 @@ class SqliteBackend(Backend):
         if committer is not None:
             committer.join(timeout=self.cfg.busy_timeout + 5)
         self._drop_conn()
+        with self._readers_lock:
+            idle, self._readers = self._readers, []
+        for conn in idle:
+            with contextlib.suppress(sqlite3.Error):
+                conn.close()
 
 
 @dataclass(frozen=True, slots=True)
@@ -635,6 +675,7 @@ class _Request:
 
 _CLOSE = _Request(lambda: None, concurrent.futures.Future())  # stops the committer
 MAX_BATCH = 256  # decisions in one transaction at most
+READERS_KEPT = 32  # idle read connections kept for the callbacks' reads
 COMMITTER_IDLE = 60.0  # seconds without a decision before the committer thread retires
 
 

@@ -393,6 +393,36 @@ def test_read_only_database(tmp_path: Path, caplog: pytest.LogCaptureFixture) ->
     assert "readonly" in outcome.reason.replace("-", "").lower() or "read-only" in outcome.reason
 
 
+def test_reads_on_new_thread_states_share_connections(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """pymilter makes a Python thread state for every milter connection, and
+    thread-local data is per thread state: a warn-mode read (peek) must not open
+    a database connection per session.  A thread per read stands for that here."""
+    g, _ = sqlite_store(tmp_path)
+    g.check(*T)
+    backend = g.backend
+    assert isinstance(backend, SqliteBackend)
+    opened: list[sqlite3.Connection] = []
+    connect = backend.connect
+
+    def counted() -> sqlite3.Connection:
+        opened.append(connect())
+        return opened[-1]
+
+    monkeypatch.setattr(backend, "connect", counted)
+    reasons: list[str] = []
+    for _ in range(50):
+        t = threading.Thread(target=lambda: reasons.append(g.peek(*T).reason))
+        t.start()
+        t.join()
+    assert reasons == ["would be deferred"] * 50
+    assert len(opened) == 1, "one read connection, taken and given back by every thread"
+    g.close()
+    with pytest.raises(sqlite3.ProgrammingError):
+        opened[0].execute("SELECT 1")  # close() closed the idle reader
+
+
 def test_full_database(tmp_path: Path) -> None:
     g, _ = sqlite_store(tmp_path)
     g.check(*T)
