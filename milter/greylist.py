@@ -602,35 +602,33 @@ class SqliteBackend(Backend):
                 self._writers.release()
 
     def _transaction(self, write: bool) -> Iterator[sqlite3.Connection]:
-        if write:
-            conn, drop = self._conn(), self._drop_conn
-        else:
-            conn = self._take_reader()
-            drop = conn.close  # a reader that failed is not given back
+        conn = self._conn() if write else self._take_reader()
+        usable = True  # False: the connection failed, and is closed rather than used again
         try:
-            conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
-        except sqlite3.Error as exc:
-            drop()
-            raise StoreError(str(exc)) from exc
-        try:
-            yield conn
-            conn.execute("COMMIT")
-        except sqlite3.Error as exc:
             try:
-                conn.execute("ROLLBACK")
-            except sqlite3.Error:
-                drop()
+                conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+            except sqlite3.Error as exc:
+                usable = False
                 raise StoreError(str(exc)) from exc
-            if not write:
-                self._give_reader(conn)
-            raise StoreError(str(exc)) from exc
-        except BaseException:
-            conn.execute("ROLLBACK")
-            if not write:
-                self._give_reader(conn)
-            raise
-        if not write:
-            self._give_reader(conn)
+            try:
+                yield conn
+                conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                try:
+                    conn.execute("ROLLBACK")
+                except sqlite3.Error:
+                    usable = False
+                raise StoreError(str(exc)) from exc
+            except BaseException:
+                usable = False  # until the ROLLBACK is done
+                conn.execute("ROLLBACK")
+                usable = True
+                raise
+        finally:
+            if write and not usable:
+                self._drop_conn()
+            elif not write:
+                self._give_reader(conn, usable)
 
     def _take_reader(self) -> sqlite3.Connection:
         """An idle read connection, or a new one (raises StoreError)."""
@@ -639,10 +637,11 @@ class SqliteBackend(Backend):
                 return self._readers.pop()
         return self.connect()
 
-    def _give_reader(self, conn: sqlite3.Connection) -> None:
-        """Keep a reader for the next read, up to ``READERS_KEPT`` of them."""
+    def _give_reader(self, conn: sqlite3.Connection, usable: bool) -> None:
+        """Keep a reader for the next read, up to ``READERS_KEPT`` of them; close
+        one that failed."""
         with self._readers_lock:
-            if len(self._readers) < READERS_KEPT:
+            if usable and len(self._readers) < READERS_KEPT:
                 self._readers.append(conn)
                 return
         with contextlib.suppress(sqlite3.Error):
