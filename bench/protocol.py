@@ -618,11 +618,13 @@ def run() -> str:
         f'  On both CPUs (`cpus = "all"`) it kept {share[HG_ALL]:.2f}; the no-op C filter'
         f" {share['no-op C (libmilter)']:.2f}.  What the no-op filters lose is libmilter's"
         " and the load",
-        "  generator's (one thread per connection polling its socket, the Python generator",
-        "  on the same two cores).  Why libmilter's threads wait at 256, each filter on one",
-        "  CPU, is in `bench/waits.py` (below): libmilter's lock at each thread's start and",
-        "  end, and for the pymilter filters the GIL, which pymilter's C layer takes for",
-        "  every callback; the system calls are counted in `bench/syscalls.py`.",
+        "  generator's (libmilter's pool: one thread polls every connection and hands each",
+        "  command to a worker thread; the Python generator on the same two cores).  Why",
+        "  libmilter's threads wait at 256, each filter on one CPU, is in `bench/waits.py`",
+        "  (below): libmilter's pool lock, which its poller holds while it walks every",
+        "  connection and each worker takes around each command, and for the pymilter",
+        "  filters the GIL, which pymilter's C layer takes for every callback; the system",
+        "  calls are counted in `bench/syscalls.py`.",
         "",
         "### Cold cache, 50 ms per DNS answer",
         "",

@@ -13,10 +13,16 @@ is put in one place by its call chain:
 - waiting for the MTA: libmilter's ``poll`` for the next command;
 - the GIL: Python's lock, in ``take_gil`` (pymilter's C takes it for every
   callback and lets go of it around each libmilter call);
-- libmilter's session lock: a mutex that libmilter's own code takes when a
-  connection's thread starts and again when it ends, around freeing the
-  connection (seen in ``objdump`` of libmilter 8.17: the thread function
-  locks it before and after ``mi_engine``);
+- libmilter's pool lock: Debian's libmilter 8.17 is built with its worker
+  pool (``worker.c``; with 100 milter connections open the daemon keeps the
+  same handful of threads).  One thread polls every connection waiting for a
+  command and hands a ready one to an idle worker, or starts a worker; a
+  worker runs ``mi_engine`` until no next command is already waiting, then
+  gives the connection back.  The pool's one mutex is taken by the poller
+  while it walks the list of every connection (to build its poll set, and
+  again for each ready one) and by each worker around each hand-over;
+- an idle worker waiting in the pool for a command (``pthread_cond_timedwait``
+  in libmilter);
 - thread stacks and the memory map: glibc's cache of thread stacks, and
   ``mmap``/``munmap``/``madvise`` waiting for the process's memory map;
 - other locks, and anything else.
@@ -61,11 +67,12 @@ FILTER_CPU, GENERATOR_CPU = 1, 0
 PREEMPTED = "preempted (could have run on)"
 POLL = "waiting for the MTA's next command (poll)"
 GIL = "the GIL (take_gil)"
-SESSION_LOCK = "libmilter's session lock (thread start and end)"
+POOL_LOCK = "libmilter's pool lock (every command handed to a worker)"
+IDLE = "an idle worker waiting for a command (libmilter's pool)"
 STACKS = "thread stacks and the memory map (glibc, mmap, munmap, madvise)"
 OTHER_LOCK = "other locks"
 OTHER = "other"
-ROWS = [PREEMPTED, POLL, GIL, SESSION_LOCK, STACKS, OTHER_LOCK, OTHER]
+ROWS = [PREEMPTED, POLL, GIL, POOL_LOCK, IDLE, STACKS, OTHER_LOCK, OTHER]
 MEMORY_CALLS = ("mmap", "munmap", "madvise", "mprotect", "brk")
 
 
@@ -88,8 +95,12 @@ def place(state: str, frames: list[tuple[str, str]]) -> str:
     ):
         return STACKS
     for (sym, _), (_, caller) in itertools.pairwise(user):
-        if "pthread_mutex_lock" in sym and Path(caller).name.startswith("libmilter"):
-            return SESSION_LOCK
+        if not Path(caller).name.startswith("libmilter"):
+            continue
+        if "pthread_mutex_lock" in sym:
+            return POOL_LOCK
+        if "pthread_cond_timedwait" in sym:
+            return IDLE
     return OTHER_LOCK
 
 
@@ -141,6 +152,9 @@ def run() -> str:
         f"with DWARF call chains for {SESSIONS:,} sessions of the warm set of"
         " `bench/protocol.py`: every time",
         "one of its threads left the CPU, by why (its state and call chain); per session.",
+        "Debian's libmilter runs a worker pool, not a thread per connection: one thread",
+        "polls every connection and hands each ready one to a worker, which gives it back",
+        "when no next command is waiting; a pool mutex guards the list of connections.",
         "",
     ]
     why = perf_usable()
