@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -154,3 +155,14 @@ def cell_table(
     totals = " | ".join(f"**{sum(per[k].values()):.{digits}f}**" for k in cells)
     lines.append(f"| **all** | {totals} |")
     return lines
+
+
+def perf_usable(args: list[str], what: str) -> str:
+    """Empty when ``perf ARGS -- true`` runs here, else why perf cannot ``what``."""
+    perf = shutil.which("perf")
+    if perf is None:
+        return "perf is not installed"
+    probe = subprocess.run([perf, *args, "--", "true"], capture_output=True, text=True, check=False)
+    if probe.returncode != 0:
+        return f"perf cannot {what}: {probe.stderr.strip().splitlines()[-1:]}"
+    return ""

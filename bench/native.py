@@ -9,8 +9,8 @@ samples on every thread, with kernel call chains), switched on for the
 measured sessions only (``-D -1 --control``, as ``bench/syscalls.py`` does):
 the warm set of ``bench/protocol.py`` at concurrency 8 and 256, the load
 generator on the same two cores, and heloguard on both CPUs like the no-op
-filters (``[milter] cpus = "all"``; its default is one).  Each sample is put in one place by the
-code it was taken in:
+filters (``[milter] cpus = "all"``; its default is one).  Each sample is put
+in one place by the code it was taken in:
 
 - in the kernel: by the system call it is under (``futex`` is lock
   hand-over, most of it Python's GIL passing between libmilter's threads;
@@ -48,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import loadgen
 import protocol
 import syscalls
-from common import TESTS, cell_table
+from common import TESTS, cell_table, perf_usable
 
 from dnsserver import DNSServer
 
@@ -175,22 +175,6 @@ def profile(script: str) -> Counter[str]:
     return out
 
 
-def perf_usable() -> str:
-    """Empty when perf can record here, else why not."""
-    perf = shutil.which("perf")
-    if perf is None:
-        return "perf is not installed"
-    probe = subprocess.run(
-        [perf, "record", "-e", "cpu-clock", "-g", "-o", "/dev/null", "--", "true"],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if probe.returncode != 0:
-        return f"perf cannot record: {probe.stderr.strip().splitlines()[-1:]}"
-    return ""
-
-
 def measure(c: syscalls.Counted, cases: list[loadgen.Case], conc: int) -> tuple[Counter[str], int]:
     """Nanoseconds per place of ``c`` over the measured sessions, and those sessions."""
     loadgen.run(f"unix:{c.sock}", cases, concurrency=16, sessions=len(cases) * 2)
@@ -220,7 +204,7 @@ def run() -> str:
         "beside the Python code that runs between them.",
         "",
     ]
-    why = perf_usable()
+    why = perf_usable(["record", "-e", "cpu-clock", "-g", "-o", "/dev/null"], "record")
     if why:
         return "\n".join([*head, f"Not measured: {why}."])
     work = Path(tempfile.mkdtemp(prefix="hg-bench-native-"))

@@ -6,10 +6,10 @@ same share of its rate, and that share says more about the generator than about
 the filter.  Here the filter is pinned to one core (``taskset -c 1``) and the
 generator to the other, so a filter's rate is what one core lets it do.  The
 warm set of ``bench/protocol.py``, measured by its ``throughput_rows`` (each
-filter at concurrency 8, 64 and 256 back to back, round after round).  heloguard runs twice: with a
-decision line per session (the default) and with ``[log] level = "warning"``
-(no decision lines), which tells what the log writer's thread costs the
-libmilter threads when they share one core with it.
+filter at concurrency 8, 64 and 256 back to back, round after round).
+heloguard runs twice: with a decision line per session (the default) and
+with ``[log] level = "warning"`` (no decision lines), which tells what the log
+writer's thread costs the libmilter threads when they share one core with it.
 
 Run alone: ``python bench/pinned.py``.
 """

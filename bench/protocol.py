@@ -331,6 +331,11 @@ def _rounds(
     return list(rows.values())
 
 
+def by_cell(rows: list[Row]) -> dict[tuple[str, int], Row]:
+    """The rows by (filter, concurrency)."""
+    return {(r.label, r.concurrency): r for r in rows}
+
+
 def kept_at_top(rows: list[Row], label: str) -> list[float]:
     """Round by round: the rate at the highest concurrency over the best rate below it."""
     by = {r.concurrency: r for r in rows if r.label == label}
@@ -343,7 +348,7 @@ def kept_at_top(rows: list[Row], label: str) -> list[float]:
 
 def throughput_table(rows: list[Row]) -> list[str]:
     """Rates by concurrency and the share kept at 256, per filter."""
-    by = {(r.label, r.concurrency): r for r in rows}
+    by = by_cell(rows)
     labels = list(dict.fromkeys(r.label for r in rows))
     conc = sorted({r.concurrency for r in rows})
     out = [
@@ -451,7 +456,7 @@ def _span(values: list[float], fmt: str = ",.0f") -> str:
 
 
 def _warm_table(rows: list[Row]) -> list[str]:
-    by = {(r.label, r.concurrency): r for r in rows}
+    by = by_cell(rows)
     labels = list(dict.fromkeys(r.label for r in rows))
     out = [
         "| concurrency | filter | sessions/s, median (range) | p50 ms | p99 ms "
@@ -491,7 +496,7 @@ FLOOR = {HG: NOOP_PY_ONE, HG_FRESH: NOOP_PY_ONE, NOOP_PY_ONE: NOOP_PY_ONE}
 
 def _ratios(rows: list[Row], label: str, conc: int) -> list[float]:
     """CPU per session over the no-op pymilter's on the same CPUs, round by round."""
-    by = {(r.label, r.concurrency): r for r in rows}
+    by = by_cell(rows)
     floor = FLOOR.get(label, NOOP_PY)
     mine, base = by[(label, conc)].cpu_each, by[(floor, conc)].cpu_each
     return [a / b for a, b in zip(mine, base, strict=True)]
@@ -535,8 +540,8 @@ def run() -> str:
     f64 = _ratio(rows, HG_FRESH, 64)
     share = {f: median(kept_at_top(kept, f)) for f in dict.fromkeys(r.label for r in kept)}
     hg_share, p_share, p1_share = share[HG], share[NOOP_PY], share[NOOP_PY_ONE]
-    tops = {(r.label, r.concurrency): r for r in kept}
-    by = {(r.label, r.concurrency): r for r in rows}
+    tops = by_cell(kept)
+    by = by_cell(rows)
     gap8 = by[(HG, 8)].cpu_us - by[(NOOP_PY_ONE, 8)].cpu_us
     ugap8 = by[(HG, 8)].user_us - by[(NOOP_PY_ONE, 8)].user_us
     hg8, hg256 = by[(HG, 8)].cpu_us, by[(HG, 256)].cpu_us

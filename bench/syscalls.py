@@ -46,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import loadgen
 import protocol
-from common import ROOT, TESTS, median
+from common import ROOT, TESTS, median, perf_usable
 
 from dnsserver import DNSServer
 
@@ -73,22 +73,6 @@ database = "{work}/grey.sqlite"
 policy = "all"
 delay = 0
 """
-
-
-def perf_usable() -> str:
-    """Empty when perf can count tracepoints here, else why not."""
-    perf = shutil.which("perf")
-    if perf is None:
-        return "perf is not installed"
-    probe = subprocess.run(
-        [perf, "stat", "-x,", "-e", EVENTS["futex"], "--", "true"],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if probe.returncode != 0:
-        return f"perf cannot count tracepoints: {probe.stderr.strip().splitlines()[-1:]}"
-    return ""
 
 
 class Counted:
@@ -215,7 +199,7 @@ def run() -> str:
         "threads.",
         "",
     ]
-    why = perf_usable()
+    why = perf_usable(["stat", "-x,", "-e", EVENTS["futex"]], "count tracepoints")
     if why:
         return "\n".join([*head, f"Not measured: {why}."])
     work = Path(tempfile.mkdtemp(prefix="hg-bench-sys-"))

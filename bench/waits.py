@@ -50,8 +50,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import loadgen
 import protocol
-from common import TESTS, cell_table
-from native import frame, perf_usable
+from common import TESTS, cell_table, perf_usable
+from native import frame
 
 from dnsserver import DNSServer
 
@@ -157,7 +157,7 @@ def run() -> str:
         "when no next command is waiting; a pool mutex guards the list of connections.",
         "",
     ]
-    why = perf_usable()
+    why = perf_usable([*RECORD[1:], "-o", "/dev/null"], "record scheduler switches")
     if not why and (len(os.sched_getaffinity(0)) < 2 or shutil.which("taskset") is None):
         why = "needs two CPUs and taskset (util-linux)"
     if why:

@@ -6,11 +6,11 @@ use.  libmilter (as Debian builds it, with its worker pool) hands each MTA
 command to one of its worker threads, and starts more while those are busy;
 every callback passes the lock from one of those threads to the next.
 Spread over several CPUs, each hand-over is a wake-up sent across CPUs, and
-the threads' data moves between their caches; on one CPU it is a switch between threads.  Measured
-with 256 connections on a two-CPU host (``bench/protocol.py``, in
-``docs/benchmarks.md``), heloguard spent 2.5 times the CPU per session (260
-against 104 us) when the kernel spread its threads over both CPUs, and the
-no-op pymilter filter 2.1 times.  So the daemon runs on one CPU unless told
+the threads' data moves between their caches; on one CPU it is a switch
+between threads.  Measured with 256 connections on a two-CPU host
+(``bench/protocol.py``, in ``docs/benchmarks.md``), heloguard spent 2.5 times
+the CPU per session (260 against 104 us) when the kernel spread its threads
+over both CPUs, and the no-op pymilter filter 2.1 times.  So the daemon runs on one CPU unless told
 otherwise.
 
 The setting, read once at start (changing it needs a restart):
