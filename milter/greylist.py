@@ -402,9 +402,13 @@ class SqliteBackend(Backend):
         # milter connection, so a callback's reads never use it: they take a
         # connection from ``_readers`` and give it back (a connection per
         # session cost an open, three PRAGMAs and a schema check each time).
+        # At most ``READERS_MAX`` are open at once: a burst of hundreds of
+        # connections waits a moment for one rather than opening hundreds (each
+        # with its own descriptors and page cache) and closing them after.
         self._local = threading.local()
         self._readers: list[sqlite3.Connection] = []  # idle read connections, any thread's
         self._readers_lock = threading.Lock()
+        self._reader_slots = threading.BoundedSemaphore(READERS_MAX)
         # Writers of this process queue here, in turn, rather than in SQLite's
         # busy handler, which sleeps in growing steps (up to 100 ms) and so lets
         # waiters time out while the lock is free; with hundreds of libmilter
@@ -631,21 +635,32 @@ class SqliteBackend(Backend):
                 self._give_reader(conn, usable)
 
     def _take_reader(self) -> sqlite3.Connection:
-        """An idle read connection, or a new one (raises StoreError)."""
+        """An idle read connection, or a new one while fewer than ``READERS_MAX``
+        are open; otherwise wait for one (raises StoreError after busy_timeout)."""
+        if not self._reader_slots.acquire(timeout=self.cfg.busy_timeout):
+            raise StoreError(
+                f"all {READERS_MAX} read connections busy for {self.cfg.busy_timeout:g} s"
+            )
         with self._readers_lock:
             if self._readers:
                 return self._readers.pop()
-        return self.connect()
+        try:
+            return self.connect()
+        except BaseException:
+            self._reader_slots.release()
+            raise
 
     def _give_reader(self, conn: sqlite3.Connection, usable: bool) -> None:
-        """Keep a reader for the next read, up to ``READERS_KEPT`` of them; close
-        one that failed."""
-        with self._readers_lock:
-            if usable and len(self._readers) < READERS_KEPT:
-                self._readers.append(conn)
+        """Keep a reader for the next read; close one that failed."""
+        try:
+            if usable:
+                with self._readers_lock:
+                    self._readers.append(conn)
                 return
-        with contextlib.suppress(sqlite3.Error):
-            conn.close()
+            with contextlib.suppress(sqlite3.Error):
+                conn.close()
+        finally:
+            self._reader_slots.release()
 
     def close(self) -> None:
         """Close this thread's connection and the idle readers, and stop the
@@ -674,7 +689,7 @@ class _Request:
 
 _CLOSE = _Request(lambda: None, concurrent.futures.Future())  # stops the committer
 MAX_BATCH = 256  # decisions in one transaction at most
-READERS_KEPT = 32  # idle read connections kept for the callbacks' reads
+READERS_MAX = 32  # read connections open at once at most; a read waits for one
 COMMITTER_IDLE = 60.0  # seconds without a decision before the committer thread retires
 
 

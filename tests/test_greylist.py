@@ -30,11 +30,13 @@ from typing import Any
 import psycopg
 import pytest
 
-from heloguard.config import GreylistConfig
+from heloguard.config import Duration, GreylistConfig
 from heloguard.greylist import (
     PASS_MEMO,
+    READERS_MAX,
     SCHEMA_VERSION,
     Greylist,
+    Outcome,
     SqliteBackend,
     admin_key,
     client_key,
@@ -421,6 +423,71 @@ def test_reads_on_new_thread_states_share_connections(
     g.close()
     with pytest.raises(sqlite3.ProgrammingError):
         opened[0].execute("SELECT 1")  # close() closed the idle reader
+
+
+def _burst_of_peeks(
+    g: Greylist, monkeypatch: pytest.MonkeyPatch, readers: int, late: bool
+) -> tuple[list[str], list[sqlite3.Connection], list[Outcome]]:
+    """``readers`` threads peek at once while every new read connection is held
+    open until all ``READERS_MAX`` are; with ``late``, one more peek is made
+    while they are held.  Returns the reasons, the connections opened and the
+    late outcome."""
+    backend = g.backend
+    assert isinstance(backend, SqliteBackend)
+    connect = backend.connect
+    opened: list[sqlite3.Connection] = []
+    hold = threading.Event()
+    lock = threading.Lock()
+
+    def held() -> sqlite3.Connection:
+        conn = connect()
+        with lock:
+            opened.append(conn)
+        hold.wait(10)
+        return conn
+
+    monkeypatch.setattr(backend, "connect", held)
+    reasons: list[str] = []
+    threads = [
+        threading.Thread(target=lambda: reasons.append(g.peek(*T).reason)) for _ in range(readers)
+    ]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 10
+    while len(opened) < READERS_MAX and time.monotonic() < deadline:
+        time.sleep(0.01)
+    outcomes = [g.peek(*T)] if late else []
+    hold.set()
+    for t in threads:
+        t.join()
+    return reasons, opened, outcomes
+
+
+def test_a_burst_of_reads_opens_at_most_readers_max(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Hundreds of milter connections reading at once share ``READERS_MAX``
+    connections; the rest wait for one given back."""
+    g, _ = sqlite_store(tmp_path)
+    g.check(*T)
+    reasons, opened, _ = _burst_of_peeks(g, monkeypatch, READERS_MAX + 20, late=False)
+    assert len(opened) == READERS_MAX
+    assert reasons == ["would be deferred"] * (READERS_MAX + 20)
+    g.close()
+
+
+def test_a_read_waiting_past_busy_timeout_is_an_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A read that finds every connection busy for busy_timeout is a store error
+    (the caller's safe path), not one more connection."""
+    g, _ = sqlite_store(tmp_path, busy_timeout=Duration(0.2))
+    g.check(*T)
+    reasons, opened, late = _burst_of_peeks(g, monkeypatch, READERS_MAX, late=True)
+    assert len(opened) == READERS_MAX
+    assert late[0].error and "read connections busy for 0.2 s" in late[0].reason
+    assert reasons == ["would be deferred"] * READERS_MAX
+    g.close()
 
 
 def test_full_database(tmp_path: Path) -> None:
