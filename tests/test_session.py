@@ -203,6 +203,12 @@ def test_every_repeat_gets_one_read_only_copy_apart_from_the_original() -> None:
     assert first is not None and first.reused and first.elapsed == 0.0 and first.texts == {}
     d.verdict, d.texts = Verdict.REJECT, {("line",): "x"}  # the first session goes on with d
     assert first.verdict is Verdict.ACCEPT and first.texts == {}
+    with pytest.raises(AttributeError, match="shared by every repeat; verdict is read-only"):
+        first.verdict = Verdict.REJECT
+    with pytest.raises(AttributeError, match="is read-only"):
+        first.exempted("a later exception")  # mends only a fresh decision
+    assert first.verdict is Verdict.ACCEPT and first.exempt == ""
+    first.texts["line"] = "made once for every repeat"  # the one thing that grows
     assert cache.hits == 2
 
 
