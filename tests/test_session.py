@@ -208,7 +208,7 @@ def test_every_repeat_gets_one_read_only_copy_apart_from_the_original() -> None:
     with pytest.raises(AttributeError, match="is read-only"):
         first.exempted("a later exception")  # mends only a fresh decision
     assert first.verdict is Verdict.ACCEPT and first.exempt == ""
-    first.texts["line"] = "made once for every repeat"  # the one thing that grows
+    first.texts[("line",)] = "made once for every repeat"  # the one thing that grows
     assert cache.hits == 2
 
 
