@@ -10,8 +10,8 @@ the threads' data moves between their caches; on one CPU it is a switch
 between threads.  Measured with 256 connections on a two-CPU host
 (``bench/protocol.py``, in ``docs/benchmarks.md``), heloguard spent 2.5 times
 the CPU per session (260 against 104 us) when the kernel spread its threads
-over both CPUs, and the no-op pymilter filter 2.1 times.  So the daemon runs on one CPU unless told
-otherwise.
+over both CPUs, and the no-op pymilter filter 2.1 times.  So the daemon
+runs on one CPU unless told otherwise.
 
 The setting, read once at start (changing it needs a restart):
 

@@ -407,8 +407,8 @@ class SqliteBackend(Backend):
         # with its own descriptors and page cache) and closing them after.
         self._local = threading.local()
         self._readers: list[sqlite3.Connection] = []  # idle read connections, any thread's
-        self._readers_lock = threading.Lock()
-        self._reader_slots = threading.BoundedSemaphore(READERS_MAX)
+        self._readers_open = 0  # idle or in use
+        self._reader_freed = threading.Condition(threading.Lock())  # guards both
         # Writers of this process queue here, in turn, rather than in SQLite's
         # busy handler, which sleeps in growing steps (up to 100 ms) and so lets
         # waiters time out while the lock is free; with hundreds of libmilter
@@ -632,35 +632,39 @@ class SqliteBackend(Backend):
             if write and not usable:
                 self._drop_conn()
             elif not write:
-                self._give_reader(conn, usable)
+                if not usable:
+                    with contextlib.suppress(sqlite3.Error):
+                        conn.close()
+                self._give_reader(conn if usable else None)
 
     def _take_reader(self) -> sqlite3.Connection:
         """An idle read connection, or a new one while fewer than ``READERS_MAX``
         are open; otherwise wait for one (raises StoreError after busy_timeout)."""
-        if not self._reader_slots.acquire(timeout=self.cfg.busy_timeout):
-            raise StoreError(
-                f"all {READERS_MAX} read connections busy for {self.cfg.busy_timeout:g} s"
-            )
-        with self._readers_lock:
+        with self._reader_freed:
+            if not self._reader_freed.wait_for(self._reader_ready, self.cfg.busy_timeout):
+                raise StoreError(
+                    f"all {READERS_MAX} read connections busy for {self.cfg.busy_timeout:g} s"
+                )
             if self._readers:
                 return self._readers.pop()
+            self._readers_open += 1
         try:
             return self.connect()
         except BaseException:
-            self._reader_slots.release()
+            self._give_reader(None)
             raise
 
-    def _give_reader(self, conn: sqlite3.Connection, usable: bool) -> None:
-        """Keep a reader for the next read; close one that failed."""
-        try:
-            if usable:
-                with self._readers_lock:
-                    self._readers.append(conn)
-                return
-            with contextlib.suppress(sqlite3.Error):
-                conn.close()
-        finally:
-            self._reader_slots.release()
+    def _reader_ready(self) -> bool:
+        return bool(self._readers) or self._readers_open < READERS_MAX
+
+    def _give_reader(self, conn: sqlite3.Connection | None) -> None:
+        """Keep a reader for the next read; ``None`` for one that failed (closed)."""
+        with self._reader_freed:
+            if conn is not None:
+                self._readers.append(conn)
+            else:
+                self._readers_open -= 1
+            self._reader_freed.notify()
 
     def close(self) -> None:
         """Close this thread's connection and the idle readers, and stop the
@@ -672,8 +676,10 @@ class SqliteBackend(Backend):
         if committer is not None:
             committer.join(timeout=self.cfg.busy_timeout + 5)
         self._drop_conn()
-        with self._readers_lock:
+        with self._reader_freed:
             idle, self._readers = self._readers, []
+            self._readers_open -= len(idle)
+            self._reader_freed.notify_all()
         for conn in idle:
             with contextlib.suppress(sqlite3.Error):
                 conn.close()
