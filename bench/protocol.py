@@ -59,6 +59,7 @@ HERE = Path(__file__).resolve().parent
 CONCURRENCY = (1, 8, 64, 256)
 LATENCY = 0.050
 FILL = 5000  # new clients for the memory scenario: about 4 answers each fill the cache
+MEMORY_ROUNDS = 3  # a fresh daemon each: the peak moves by several MB between runs
 
 
 # -- clients and their zones ---------------------------------------------------
@@ -412,8 +413,13 @@ def _metric(port: int, name: str) -> float | None:
     return None
 
 
-def memory(work: Path, dns: DNSServer, first: int, count: int) -> dict[str, float]:
-    """Fill the DNS cache to its bound, then 256 sessions at once: resident size."""
+def memory(work: Path, dns: DNSServer, first: int, count: int) -> list[dict[str, float]]:
+    """Fill the DNS cache to its bound, then 256 sessions at once: resident size,
+    on ``MEMORY_ROUNDS`` freshly started daemons."""
+    return [_memory_round(work, dns, first, count) for _ in range(MEMORY_ROUNDS)]
+
+
+def _memory_round(work: Path, dns: DNSServer, first: int, count: int) -> dict[str, float]:
     from mta.common import free_port  # tests/mta: a free loopback port
 
     port = free_port()
@@ -435,6 +441,39 @@ def memory(work: Path, dns: DNSServer, first: int, count: int) -> dict[str, floa
             "fill_errors": float(sum(fill.errors.values())),
             "burst_errors": float(sum(burst.errors.values())),
         }
+
+
+def _memory_lines(rounds: list[dict[str, float]]) -> list[str]:
+    """The memory table: the median of the rounds and their range; the target
+    is a bound, so it is judged on the highest peak."""
+
+    def cell(key: str) -> str:
+        values = [r[key] for r in rounds]
+        return f"{median(values):,.0f} MB ({_span(values)})"
+
+    peak = max(r["peak_mb"] for r in rounds)
+    entries = [r["entries"] for r in rounds]
+    filled = f"{entries[0]:,.0f}" if min(entries) == max(entries) else _span(entries)
+    fill_errors = sum(r["fill_errors"] for r in rounds)
+    burst_errors = sum(r["burst_errors"] for r in rounds)
+    return [
+        f"### Memory: a full DNS cache, then 256 concurrent sessions ({len(rounds)} rounds)",
+        "",
+        "Each round starts a fresh daemon; median (range) over the rounds.",
+        "",
+        "| measure | figure |",
+        "|---|---|",
+        f"| resident at start | {cell('start_mb')} |",
+        f"| answers in the cache after {FILL:,} new clients | {filled} "
+        "(bound: `[dns] cache_size` = 20,000) |",
+        f"| resident with the cache full | {cell('filled_mb')} |",
+        f"| peak resident, 4,096 sessions 256 at a time | {cell('peak_mb')} |",
+        f"| errors, all rounds | {fill_errors:.0f} while filling, "
+        f"{burst_errors:.0f} in the burst |",
+        "",
+        f"**Target: at most 100 MB in every round (highest peak {peak:.0f} MB): "
+        f"{'met' if peak <= 100 else 'MISSED'}.**",
+    ]
 
 
 def _status_kb(pid: int, field: str) -> int:
@@ -664,19 +703,7 @@ def run() -> str:
             else []
         ),
         "",
-        "### Memory: a full DNS cache, then 256 concurrent sessions",
-        "",
-        "| measure | figure |",
-        "|---|---|",
-        f"| resident at start | {mem['start_mb']:.0f} MB |",
-        f"| answers in the cache after {FILL:,} new clients | {mem['entries']:,.0f} "
-        "(bound: `[dns] cache_size` = 20,000) |",
-        f"| resident with the cache full | {mem['filled_mb']:.0f} MB |",
-        f"| peak resident, 4,096 sessions 256 at a time | {mem['peak_mb']:.0f} MB |",
-        f"| errors | {mem['fill_errors']:.0f} while filling, "
-        f"{mem['burst_errors']:.0f} in the burst |",
-        "",
-        f"**Target: at most 100 MB: {'met' if mem['peak_mb'] <= 100 else 'MISSED'}.**",
+        *_memory_lines(mem),
         "",
         "### What profiling changed",
         "",
