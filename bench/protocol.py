@@ -798,6 +798,16 @@ def run() -> str:
         "| `py-spy --gil` on the daemon at 256: the log writer making decision lines was "
         "60-88 % of the Python time spent holding the GIL, 7.0 us a line "
         "| a line 7.0 -> 1.8-2.1 us in the daemon (9,000 lines) |",
+        "| without decision records, the decision cache's copy of a HELO or MAIL decision "
+        "keeps only the reports a repeat session reads (an effect, or the facts `verified` "
+        "and `listed`), their answers and the PTR answers; the questions' count and the "
+        "counters' tally as numbers (`heloguard.engine._Repeat`). The connect stage's "
+        "findings, which later phases adopt, and every copy while records are on stay whole "
+        "| a walk of the decision cache after the memory scenario's 5,000 new clients "
+        "(in-process, 4,096 entries): 3.2 KB an entry beyond the DNS cache's answers, 7.2 "
+        "reports an entry of which 1.2 are read by a repeat "
+        "| decision cache 13.0 -> 8.7 MB; memory scenario, 3 rounds each: full cache 86 -> "
+        "80 MB, peak 93 (92-94) -> 89 (87-90) MB |",
     ]
     lines += [
         "",

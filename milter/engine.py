@@ -168,11 +168,15 @@ class Decision:
     # a decision made afresh has none.
     texts: dict[tuple[object, ...], str] | None = None
 
-    def reuse(self) -> Decision:
+    def reuse(self, *, whole: bool = True) -> Decision:
         """The copy standing for every repeat of this decision: no DNS sent, no time
         taken.  The decision cache keeps this one copy and hands it to each repeat
-        (building one per repeat cost a callback about 1.8 us); it is read-only."""
-        return _Repeat(self)
+        (building one per repeat cost a callback about 1.8 us); it is read-only.
+
+        ``whole=False`` keeps only what a repeat session reads (see
+        :class:`_Repeat`): for a decision nothing writes out whole (no decision
+        records) and no later phase takes findings from (not the connect stage's)."""
+        return _Repeat(self, whole)
 
     def exempted(self, reason: str) -> Decision:
         """This decision turned into an accept because the client is exempt."""
@@ -186,6 +190,13 @@ class Decision:
     def dns_queries(self) -> int:
         """Distinct DNS questions this decision used."""
         return len(self.answers)
+
+    def tally(self) -> tuple[Tally, ...]:
+        """What the counters count of each rule that ran: (rule, outcome, effect,
+        alerts)."""
+        return tuple(
+            (r.rule, r.result.outcome, r.effect, len(r.result.alerts)) for r in self.reports
+        )
 
     @property
     def dns_sent(self) -> int:
@@ -210,18 +221,60 @@ class _Repeat(Decision):
     """The decision cache's one copy of a settled decision, shared by every repeat
     session on every libmilter thread, so nothing may change it: setting an
     attribute raises.  Its ``texts`` (log lines made once, for all repeats) is
-    the one thing that grows."""
+    the one thing that grows.
 
-    __slots__ = ()
+    A slim copy (not ``whole``) keeps, of the rules' reports, those a repeat
+    session reads: a report with an effect (the deciding rule, its evidence, a
+    rule in warn mode) or with a fact in ``REPEAT_FACTS``; of the answers, those
+    reports' lookups and the PTR answers (the client's name in the log line).
+    The count of questions and the counters' tally are kept as numbers.  A whole
+    copy of a well-run server's HELO decision held about 3 KB; most of it was
+    reports that found nothing to say.
+    """
 
-    def __init__(self, fresh: Decision) -> None:
+    __slots__ = ("_queries", "_tally")
+    _queries: int
+    _tally: tuple[Tally, ...]
+
+    def __init__(self, fresh: Decision, whole: bool = True) -> None:
         for name in _DECISION_FIELDS:
             object.__setattr__(self, name, getattr(fresh, name))
         for name, value in (("elapsed", 0.0), ("reused", True), ("overdue", ""), ("texts", {})):
             object.__setattr__(self, name, value)
+        object.__setattr__(self, "_queries", len(fresh.answers))
+        object.__setattr__(self, "_tally", tuple(_TALLIES.setdefault(t, t) for t in fresh.tally()))
+        if not whole:
+            reports = [r for r in fresh.reports if _read_by_repeats(r)]
+            looked = {a.query for r in reports for a in r.lookups}
+            answers = {q: a for q, a in fresh.answers.items() if q in looked or q.rdtype == "PTR"}
+            object.__setattr__(self, "reports", reports)
+            object.__setattr__(self, "answers", answers)
 
     def __setattr__(self, name: str, value: object) -> None:
         raise AttributeError(f"a repeat decision is shared by every repeat; {name} is read-only")
+
+    @property
+    def dns_queries(self) -> int:
+        """Distinct DNS questions the decision used (a slim copy keeps fewer answers)."""
+        return self._queries
+
+    def tally(self) -> tuple[Tally, ...]:
+        """The counters' tally of every rule that ran, kept when the copy was made."""
+        return self._tally
+
+
+Tally = tuple[str, Outcome, Effect, int]
+# Facts a repeat session reads: the verified names (the client's name, name
+# exceptions, the greylist key) and a DNS list's listing below its threshold
+# (greylisting's suspicion).
+REPEAT_FACTS = ("verified", "listed")
+# One tuple per distinct (rule, outcome, effect, alerts): a handful per rule.
+_TALLIES: dict[Tally, Tally] = {}
+
+
+def _read_by_repeats(r: RuleReport) -> bool:
+    facts = r.result.facts
+    return r.effect is not Effect.NONE or any(k in facts for k in REPEAT_FACTS)
 
 
 _DECISION_FIELDS = tuple(f.name for f in fields(Decision))

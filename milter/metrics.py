@@ -71,10 +71,10 @@ class Metrics:
     def decided(self, decision: Decision) -> None:
         """Count a decision and its findings."""
         self.decisions.labels(decision.stage.word, str(decision.verdict)).inc()
-        for rep in decision.reports:
-            self.rules.labels(rep.rule, str(rep.result.outcome), str(rep.effect)).inc()
-            if rep.result.alerts:
-                self.list_errors.labels(rep.rule).inc(len(rep.result.alerts))
+        for rule, outcome, effect, alerts in decision.tally():
+            self.rules.labels(rule, str(outcome), str(effect)).inc()
+            if alerts:
+                self.list_errors.labels(rule).inc(alerts)
 
     def greylisted(self, outcome: str) -> None:
         """Count a greylist outcome (delayed, passed, error)."""

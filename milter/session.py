@@ -163,8 +163,9 @@ class DecisionCache:
         self.hits += 1  # a statistic: a lost increment under a race does no harm
         return found[0]
 
-    def put(self, key: tuple[object, ...], decision: Decision) -> None:
-        """Keep a settled decision for the smallest TTL it rests on."""
+    def put(self, key: tuple[object, ...], decision: Decision, *, whole: bool = True) -> None:
+        """Keep a settled decision for the smallest TTL it rests on; ``whole``:
+        every report and answer (``Decision.reuse``)."""
         if decision.verdict is Verdict.TEMPFAIL or any(r.error for r in decision.reports):
             return
         if any(a.temp for a in decision.answers.values()):
@@ -173,7 +174,7 @@ class DecisionCache:
         age = min([self.max_age, *ttls])
         if age <= 0:
             return
-        entry = (decision.reuse(), self._clock() + age)
+        entry = (decision.reuse(whole=whole), self._clock() + age)
         with self._lock:
             cache = self._cache
             cache.pop(key, None)  # a refreshed entry goes to the young end
@@ -432,7 +433,9 @@ class Session:
         decision = self.rt.decisions.get(key)
         if decision is None:
             decision = self._evaluate(phases)
-            self.rt.decisions.put(key, decision)
+            # Kept whole only when records write every repeat out; the connect
+            # stage's findings (``connect``), which later phases adopt, always are.
+            self.rt.decisions.put(key, decision, whole=self.rt.records is not None)
         # Counting and recording happen on the log writer's thread; the
         # callback only queues the decision and the inputs it was made on.
         if self.rt.metrics is not None:

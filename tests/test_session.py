@@ -258,3 +258,122 @@ def test_a_decision_not_ready_in_time_is_deferred_not_a_crash(
         assert rt.decisions.get(s._key([[Stage.CONNECT, Stage.HELO]])) is None, "never cached"
     finally:
         rt.resolver.close()
+
+
+# Each case: extra settings, client, HELO, sender (None: the session ends at HELO),
+# and a reading the case exists to cover.
+SLIM_CASES: list[tuple[str, dict[str, Any], str, str, str | None]] = [
+    ("generic bot", {}, "103.245.153.249", "mail.digitaljunction.com.au", None),
+    ("well-run server", {}, "64.71.1.10", "ukiah.firemountain.net", "a@firemountain.net"),
+    (
+        "a rule in warn mode",
+        {"rules": {"generic": {"action": "warn"}}},
+        "103.245.153.249",
+        "mail.digitaljunction.com.au",
+        "b@example.org",
+    ),
+    ("policy mode warn", {"policy": {"mode": "warn"}}, "103.245.153.249", "x.example", None),
+    (
+        "listed below the threshold",
+        {"rules": {"dnsbl": {"zones": ["bl.test=127.0.0.[2..4]", "bl2.test"], "threshold": 2}}},
+        "2600:3c00::66",
+        "ukiah.firemountain.net",
+        "c@firemountain.net",
+    ),
+]
+
+
+def _sessions(rt: Runtime, ip: str, helo: str, sender: str | None) -> list[Session]:
+    """The same client three times: a fresh decision, then two repeats."""
+    done = []
+    for _ in range(3):
+        s = Session(rt)
+        s.connect(ip, "mx")
+        if s.prefetch is not None:
+            s.prefetch.result(timeout=10)  # the connect stage finishes: the next one reuses all
+        if s.helo(helo).act is Act.CONTINUE and sender is not None:
+            s.mail(sender)
+        s.close()
+        done.append(s)
+    return done
+
+
+@pytest.mark.parametrize(("case", "extra", "ip", "helo", "sender"), SLIM_CASES)
+def test_a_slim_repeat_reads_as_the_whole_one(
+    dns_server: DNSServer,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    case: str,
+    extra: dict[str, Any],
+    ip: str,
+    helo: str,
+    sender: str | None,
+) -> None:
+    """Without decision records a repeat keeps only the reports and answers a
+    repeat session reads; its log lines, counters, greylist suspicion and names
+    must be those of a repeat kept whole (records on)."""
+    from heloguard.greylist import suspicious
+    from heloguard.metrics import Metrics
+
+    seen: dict[str, tuple[list[str], list[tuple[str, dict[str, str], float]], list[Session]]] = {}
+    for kind, records in (
+        ("slim", {}),
+        ("whole", {"log": {"decisions": str(tmp_path / "d.jsonl")}}),
+    ):
+        config = from_mapping(
+            {"dns": {"nameservers": [dns_server.nameserver], "timeout": 1}, **extra, **records}
+        )
+        metrics = Metrics()
+        rt = Runtime.build(config, metrics=metrics)
+        caplog.clear()
+        try:
+            with caplog.at_level(logging.DEBUG, logger="heloguard.decisions"):
+                sessions = _sessions(rt, ip, helo, sender)
+            lines = [  # the time a fresh decision took differs from run to run
+                re.sub(r" ms=\d+$", "", r.getMessage())
+                for r in caplog.records
+                if r.name == "heloguard.decisions"
+            ]
+            counts = [
+                (s.name, s.labels, s.value)
+                for m in metrics.registry.collect()
+                if m.name in ("heloguard_rules", "heloguard_list_errors", "heloguard_decisions")
+                for s in m.samples
+                if s.name.endswith("_total")
+            ]
+            seen[kind] = (lines, counts, sessions)
+        finally:
+            rt.resolver.close()
+            if rt.records is not None:
+                rt.records.close()
+    slim_lines, slim_counts, slim = seen["slim"]
+    whole_lines, whole_counts, whole = seen["whole"]
+    assert len(slim_lines) >= 3 and slim_lines == whole_lines, case
+    assert slim_counts and slim_counts == whole_counts, case
+    fresh, repeat = whole[0], slim[2]
+    pairs = [(fresh.helo_decision, repeat.helo_decision, whole[2].helo_decision)]
+    if sender is not None and fresh.mail_decision is not None:
+        pairs.append((fresh.mail_decision, repeat.mail_decision, whole[2].mail_decision))
+    for made, kept, whole_copy in pairs:
+        assert made is not None and kept is not None and whole_copy is not None
+        assert kept.reused and whole_copy.reused and not made.reused
+        assert len(whole_copy.reports) == len(made.reports), "records on: kept whole"
+        assert kept.tally() == made.tally() == whole_copy.tally()
+        assert kept.dns_queries == made.dns_queries
+        assert kept.facts("verified") == made.facts("verified")
+        assert (kept.verdict, kept.reply, kept.rule, kept.enforced) == (
+            made.verdict,
+            made.reply,
+            made.rule,
+            made.enforced,
+        )
+    assert suspicious(repeat.helo_decision, repeat.mail_decision) == suspicious(
+        fresh.helo_decision, fresh.mail_decision
+    )
+    if case == "listed below the threshold":
+        assert suspicious(repeat.helo_decision, repeat.mail_decision).startswith(
+            "suspicious: listed by dnsbl"
+        )
+    kept_reports = sum(len(d.reports) for _, d, _ in pairs if d is not None)
+    made_reports = sum(len(d.reports) for d, _, _ in pairs if d is not None)
+    assert kept_reports < made_reports, "the slim copy keeps fewer reports"
