@@ -283,7 +283,7 @@ class Session:
 
         def keep(done: concurrent.futures.Future[Decision]) -> None:
             if not done.cancelled() and done.exception() is None:
-                decisions.put(key, done.result())
+                decisions.put(key, done.result(), whole=True)  # later phases adopt it
 
         self.prefetch.add_done_callback(keep)
         return CONTINUE
@@ -433,8 +433,8 @@ class Session:
         decision = self.rt.decisions.get(key)
         if decision is None:
             decision = self._evaluate(phases)
-            # Kept whole only when records write every repeat out; the connect
-            # stage's findings (``connect``), which later phases adopt, always are.
+            # Kept whole only when records write every repeat out (the connect
+            # stage's findings always are: see ``connect``).
             self.rt.decisions.put(key, decision, whole=self.rt.records is not None)
         # Counting and recording happen on the log writer's thread; the
         # callback only queues the decision and the inputs it was made on.
