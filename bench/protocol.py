@@ -822,7 +822,13 @@ def run() -> str:
         "against 8,001 without it; a 50 ms switch interval (`sys.setswitchinterval`) "
         "gave 8,099 against 7,767.  The `mmap`/`munmap` pair left in every session "
         "(strace at 256: 2,000 of 16 KiB in 2,000 sessions) is the first frame chunk "
-        "of the Python thread state pymilter makes for each libmilter thread.",
+        "of the Python thread state pymilter makes for each libmilter thread.  "
+        "Tried later the same way (pinned, 5 interleaved rounds) and not kept: the "
+        "filter under `SCHED_BATCH` (`chrt -b 0`, no wake-up preemption among "
+        "libmilter's threads) kept 0.68 of its best rate at 256 against 0.74 without "
+        "(the no-op pymilter 0.71 against 0.82); heloguard asking the MTA for no "
+        "macros (`bench/baseline/heloguard_no_macros.py`) kept 0.77 against 0.80. "
+        "Keeping libmilter's idle workers is measured by `bench/pool.py`.",
     ]
     return "\n".join(lines)
 

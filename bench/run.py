@@ -25,6 +25,7 @@ import greylist_pg
 import greylist_rate
 import native
 import pinned
+import pool
 import postfix_e2e
 import protocol
 import syscalls
@@ -38,6 +39,7 @@ SECTIONS = [
     syscalls,
     native,
     pinned,
+    pool,
     waits,
     postfix_e2e,
     cold_chain,
