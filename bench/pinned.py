@@ -21,6 +21,7 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -31,6 +32,22 @@ from common import TESTS, median
 from dnsserver import DNSServer
 
 QUIET = "heloguard, no decision lines"
+
+
+@contextlib.contextmanager
+def started(specs: list[protocol.Spec], work: Path) -> Iterator[list[protocol.Filter]]:
+    """The filters of ``specs`` running (their argv pins them to core 1), with this
+    process, the load generator, on core 0 until they stop."""
+    own = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {0})  # the generator (and the test DNS server, idle here)
+    try:
+        with contextlib.ExitStack() as stack:
+            yield [
+                stack.enter_context(protocol.running(label, argv, sock, work / f"{sock.stem}.log"))
+                for label, argv, sock in specs
+            ]
+    finally:
+        os.sched_setaffinity(0, own)
 
 
 def run() -> str:
@@ -49,7 +66,6 @@ def run() -> str:
         return "\n".join([*head, "Not measured: needs two cores and taskset (util-linux)."])
     work = Path(tempfile.mkdtemp(prefix="hg-bench-pin-"))
     cases = [protocol.case(i) for i in range(200)]
-    own = os.sched_getaffinity(0)
     with DNSServer(TESTS / "zones") as dns:
         protocol.serve_clients(dns, 200)
         hg_argv, hg_sock = protocol.heloguard(work, dns, "loud")
@@ -62,18 +78,8 @@ def run() -> str:
             ("heloguard", [*pin, *hg_argv], hg_sock),
             (QUIET, [*pin, *quiet_argv], quiet_sock),
         ]
-        os.sched_setaffinity(0, {0})  # the generator (and the test DNS server, idle here)
-        try:
-            with contextlib.ExitStack() as stack:
-                filters = [
-                    stack.enter_context(
-                        protocol.running(label, argv, sock, work / f"{sock.stem}.log")
-                    )
-                    for label, argv, sock in specs
-                ]
-                measured = protocol.throughput_rows(filters, cases)
-        finally:
-            os.sched_setaffinity(0, own)
+        with started(specs, work) as filters:
+            measured = protocol.throughput_rows(filters, cases)
     shutil.rmtree(work, ignore_errors=True)
     kept = {label: protocol.kept_at_top(measured, label) for label, _, _ in specs}
     shares = "; ".join(f"{label} {median(k):.2f}" for label, k in kept.items())

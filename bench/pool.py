@@ -23,7 +23,6 @@ SHA-256 and kept in ``.cache/libmilter/``.  Run alone: ``python bench/pool.py``
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import shutil
@@ -36,6 +35,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import pinned
 import protocol
 from common import ROOT, TESTS, median
 
@@ -121,13 +121,6 @@ def build(work: Path) -> dict[str, Path]:
     return libs
 
 
-def _threads(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("Threads:"):
-            return int(line.split()[1])
-    return 0
-
-
 def run() -> str:
     """Measure and return the markdown section."""
     head = [
@@ -149,7 +142,6 @@ def run() -> str:
         shutil.rmtree(work, ignore_errors=True)
         return "\n".join([*head, f"Not measured: libmilter could not be built ({exc})."])
     cases = [protocol.case(i) for i in range(200)]
-    own = os.sched_getaffinity(0)
     threads: dict[str, int] = {}
     with DNSServer(TESTS / "zones") as dns:
         protocol.serve_clients(dns, 200)
@@ -162,19 +154,9 @@ def run() -> str:
                 specs.append((f"{label}, {lib}", [*pin, *argv[:-1], f"unix:{sock}"], sock))
             hg_argv, hg_sock = protocol.heloguard(work, dns, f"hg-{len(specs)}")
             specs.append((f"heloguard, {lib}", [*pin, *hg_argv], hg_sock))
-        os.sched_setaffinity(0, {0})
-        try:
-            with contextlib.ExitStack() as stack:
-                filters = [
-                    stack.enter_context(
-                        protocol.running(label, argv, sock, work / f"{sock.stem}.log")
-                    )
-                    for label, argv, sock in specs
-                ]
-                measured = protocol.throughput_rows(filters, cases, rounds=ROUNDS)
-                threads = {f.label: _threads(f.pid) for f in filters}
-        finally:
-            os.sched_setaffinity(0, own)
+        with pinned.started(specs, work) as filters:
+            measured = protocol.throughput_rows(filters, cases, rounds=ROUNDS)
+            threads = {f.label: protocol.status_number(f.pid, "Threads") for f in filters}
     shutil.rmtree(work, ignore_errors=True)
     rounds = {label: protocol.kept_at_top(measured, label) for label, _, _ in specs}
     kept = {label: median(r) for label, r in rounds.items()}

@@ -426,12 +426,12 @@ def _memory_round(work: Path, dns: DNSServer, first: int, count: int) -> dict[st
     argv, sock = heloguard(work, dns, "memory", f'[metrics]\nlisten = "127.0.0.1:{port}"\n')
     cases = [case(i) for i in range(first, first + count)]
     with running("heloguard", argv, sock, work / "memory.log") as f:
-        base_kb = _status_kb(f.pid, "VmRSS")
+        base_kb = status_number(f.pid, "VmRSS")
         # 64 at a time: the test DNS server (Python) must keep up, or the cache
         # fills with short-lived TEMP answers instead
         fill = loadgen.run(f.socket, cases, concurrency=64, sessions=count, pid=f.pid)
         entries = _metric(port, "heloguard_dns_cache_entries") or 0.0
-        filled_kb = _status_kb(f.pid, "VmRSS")
+        filled_kb = status_number(f.pid, "VmRSS")
         burst = loadgen.run(f.socket, cases, concurrency=256, sessions=4096, pid=f.pid)
         return {
             "start_mb": base_kb / 1024,
@@ -476,7 +476,8 @@ def _memory_lines(rounds: list[dict[str, float]]) -> list[str]:
     ]
 
 
-def _status_kb(pid: int, field: str) -> int:
+def status_number(pid: int, field: str) -> int:
+    """The number a ``/proc/PID/status`` line gives (``VmRSS`` in KiB, ``Threads``)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith(field + ":"):
             return int(line.split()[1])
