@@ -55,9 +55,17 @@ deps-test: deps-build
 MODULES := $(sort $(wildcard milter/*.py milter/*.toml rules/*.py))
 _ := $(shell mkdir -p build && echo '$(MODULES)' | cmp -s - build/.modules || echo '$(MODULES)' > build/.modules)
 
-$(STAMP): pyproject.toml build/.modules | deps-build
+# pymilter is built against our own libmilter, a thread per connection
+# (contrib/libmilter.py says why), found through its run path; never from
+# pip's wheel cache, which may hold one linked to Debian's worker pool.
+LIBMILTER := $(CURDIR)/$(VENV)/lib/libmilter
+
+$(STAMP): pyproject.toml build/.modules contrib/libmilter.py | deps-build
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/python contrib/libmilter.py $(LIBMILTER)
+	LDFLAGS="-L$(LIBMILTER) -Wl,-rpath,$(LIBMILTER)" $(BIN)/pip install -q --no-cache-dir \
+		--no-binary pymilter --no-deps --force-reinstall 'pymilter>=1.0.5'
 	$(BIN)/pip install -q -e '.[dev]' --config-settings editable_mode=strict
 	touch $@
 
@@ -70,12 +78,12 @@ run: $(STAMP)
 		--greylist $(CURDIR)/var/greylist.sqlite
 
 lint: $(STAMP)
-	$(BIN)/ruff check milter rules tests bench
-	$(BIN)/ruff format --check milter rules tests bench
+	$(BIN)/ruff check milter rules tests bench contrib
+	$(BIN)/ruff format --check milter rules tests bench contrib
 
 type: $(STAMP)
 	$(BIN)/mypy -p heloguard
-	$(BIN)/mypy tests bench
+	$(BIN)/mypy tests bench contrib/libmilter.py
 
 unit: $(STAMP)
 	$(BIN)/pytest -q -m 'not integration'

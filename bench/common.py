@@ -15,6 +15,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 TESTS = ROOT / "tests"
+# the libmilter pymilter is linked to (a thread per connection, contrib/libmilter.py;
+# the Makefile builds it into the virtualenv)
+LIBMILTER = Path(sys.prefix) / "lib" / "libmilter"
 if str(TESTS) not in sys.path:
     sys.path.insert(0, str(TESTS))
 

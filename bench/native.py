@@ -15,8 +15,8 @@ in one place by the code it was taken in:
 - in the kernel: by the system call it is under (``futex`` is lock
   hand-over, most of it Python's GIL passing between libmilter's threads;
   ``poll`` and the socket reads and writes are libmilter's I/O; ``clone3``,
-  ``mmap``, ``munmap``, ``mprotect`` and thread exit are libmilter's worker
-  threads coming and going), or as the scheduler and interrupts when under none;
+  ``mmap``, ``munmap``, ``mprotect`` and thread exit are libmilter's
+  threads coming and going, one per connection), or as the scheduler and interrupts when under none;
 - in user space: by library (libmilter; pymilter's C extension; the GIL's own
   functions in libpython; libc's locks and condition variables, which the GIL
   is built on; the rest of libpython and libc, which is Python code running:

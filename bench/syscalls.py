@@ -9,9 +9,9 @@ sessions, and the counts are divided by the sessions; three rounds, the
 filters in alternating order, and the median round is reported.
 
 What the counts say about the cause: ``clone3`` and ``mmap``/``munmap``/
-``mprotect`` are thread creation and stacks (libmilter's worker pool starts a
-worker when a command finds none idle, and a worker ends when it finds two
-others idle); ``poll`` is libmilter's wait for the next command; ``futex`` is
+``mprotect`` are thread creation and stacks (libmilter as installed,
+``contrib/libmilter.py``, starts a thread for each connection and ends it when
+the connection closes); ``poll`` is libmilter's wait for the next command; ``futex`` is
 lock hand-over, most of it Python's GIL passing between libmilter's threads;
 ``read``/``write``/``writev`` are the milter protocol itself (and the log writer).
 The last filter is heloguard with greylisting on for every client (SQLite,
@@ -276,9 +276,9 @@ def run() -> str:
         f"- Threads at 256: `clone3` per session {n(cc, 'clone3')} (no-op C), "
         f"{n(py, 'clone3')} (no-op pymilter), {n(hg, 'clone3')} (heloguard), with "
         f"`mmap`/`munmap`/`mprotect` for their stacks; at 8, {n(c8, 'clone3')}, "
-        f"{n(py8, 'clone3')} and {n(hg8, 'clone3')}.  That is libmilter's worker pool "
-        "(a worker started when a command finds none idle, ended when it finds two "
-        "others idle): it costs all three filters alike, and heloguard starts no thread "
+        f"{n(py8, 'clone3')} and {n(hg8, 'clone3')}.  That is libmilter's thread "
+        "per connection (`contrib/libmilter.py`; each session here is one connection): "
+        "it costs all three filters alike, and heloguard starts no thread "
         "per session of its own.",
         f"- `poll` and `read` ({n(cc, 'poll')} and {n(cc, 'read')} per session for the "
         f"no-op C filter at 256) are libmilter waiting for and reading each command; "

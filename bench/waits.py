@@ -13,9 +13,10 @@ is put in one place by its call chain:
 - waiting for the MTA: libmilter's ``poll`` for the next command;
 - the GIL: Python's lock, in ``take_gil`` (pymilter's C takes it for every
   callback and lets go of it around each libmilter call);
-- libmilter's pool lock: Debian's libmilter 8.17 is built with its worker
-  pool (``worker.c``; with 100 milter connections open the daemon keeps the
-  same handful of threads).  One thread polls every connection waiting for a
+- libmilter's pool lock, on Debian's build only: heloguard's libmilter
+  (``contrib/libmilter.py``, measured here) gives each connection its own
+  thread, but Debian's libmilter 8.17 is built with its worker pool
+  (``worker.c``, compared in ``bench/pool.py``).  One thread polls every connection waiting for a
   command and hands a ready one to an idle worker, or starts a worker; a
   worker runs ``mi_engine`` until no next command is already waiting, then
   gives the connection back.  The pool's one mutex is taken by the poller
@@ -152,9 +153,10 @@ def run() -> str:
         f"with DWARF call chains for {SESSIONS:,} sessions of the warm set of"
         " `bench/protocol.py`: every time",
         "one of its threads left the CPU, by why (its state and call chain); per session.",
-        "Debian's libmilter runs a worker pool, not a thread per connection: one thread",
-        "polls every connection and hands each ready one to a worker, which gives it back",
-        "when no next command is waiting; a pool mutex guards the list of connections.",
+        "The filters run on heloguard's libmilter (`contrib/libmilter.py`), a thread per",
+        "connection that reads its own next command; the pool rows are Debian's build's",
+        "(a poller hands each ready connection to a worker under one mutex,",
+        "`bench/pool.py`): they count switches in its pool only.",
         "",
     ]
     why = perf_usable([*RECORD[1:], "-o", "/dev/null"], "record scheduler switches")
