@@ -104,10 +104,14 @@ def test_config_names_the_key(tmp_path: Path) -> None:
 
 
 def _thread_cpus(pid: int) -> dict[str, str]:
-    """Each thread's name and allowed CPU list, from /proc."""
+    """Each thread's name and allowed CPU list, from /proc.  A connection's thread
+    ends with its connection (contrib/libmilter.py), so one may go while it is read."""
     out = {}
     for task in sorted(Path(f"/proc/{pid}/task").iterdir()):
-        lines = (task / "status").read_text().splitlines()
+        try:
+            lines = (task / "status").read_text().splitlines()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
         status = dict(line.split(":\t", 1) for line in lines if ":\t" in line)
         out[f"{task.name} {status['Name'].strip()}"] = status["Cpus_allowed_list"].strip()
     return out
